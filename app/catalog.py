@@ -134,7 +134,9 @@ class ModelSpec(_Lenient):
     @classmethod
     def _source(cls, v: str | None) -> str | None:
         if v is not None and not _SOURCE_RE.match(v):
-            raise ValueError(f"source {v!r} must be hf://org/name[@rev], s3://bucket/prefix or /dir")
+            raise ValueError(
+                f"source {v!r} must be hf://org/name[@rev], s3://bucket/prefix or /dir"
+            )
         return v
 
     @property

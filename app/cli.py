@@ -1,4 +1,245 @@
-"""The `switchyard` command line (placeholder; being written)."""
+"""The ``switchyard`` command line.
 
-def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("not yet")
+Each sub-command is a thin shell around a module that does the work, so the same code runs
+from the CLI, the tests and the container images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from app.settings import Settings, SettingsError, load_settings
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> int:
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 12h or 30d")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        raise SystemExit(f"switchyard: configuration error: {exc}") from None
+
+
+# -- gateway ------------------------------------------------------------------------------------
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.logs import configure
+    from app.server import create_app
+
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port:
+        overrides["port"] = args.port
+    settings = _settings(**overrides)
+    configure(settings.log_level)
+    if not settings.catalog.models:
+        print(
+            "switchyard: warning: the catalogue is empty (set SWITCHYARD_CATALOG)", file=sys.stderr
+        )
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        limit_concurrency=args.limit_concurrency,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+async def _with_store(fn: Any) -> Any:
+    from app.auth.keys import KeyStore
+    from app.server import redis_client
+
+    redis = redis_client(_settings())
+    try:
+        return await fn(KeyStore(redis))
+    finally:
+        await redis.aclose()
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    expires_at = time.time() + args.expires_in if args.expires_in else None
+
+    async def go(store: Any) -> Any:
+        return await store.create(
+            customer=args.customer,
+            models=models,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            expires_at=expires_at,
+            name=args.name,
+        )
+
+    record, plaintext = asyncio.run(_with_store(go))
+    out = {**record.public(), "key": plaintext}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"id:       {record.id}\ncustomer: {record.customer}\n"
+            f"models:   {', '.join(record.models) if record.models else 'all'}\n"
+            f"rpm/tpm:  {record.rpm or 'unlimited'}/{record.tpm or 'unlimited'}\n"
+            f"key:      {plaintext}\n(the key is shown once and is not stored)"
+        )
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    async def go(store: Any) -> Any:
+        return await store.list()
+
+    records = asyncio.run(_with_store(go))
+    if args.json:
+        print(json.dumps([r.public() for r in records]))
+        return 0
+    print(f"{'ID':<14}{'CUSTOMER':<22}{'STATUS':<9}{'RPM':>8}{'TPM':>10}  MODELS")
+    for r in records:
+        p = r.public()
+        models = ",".join(r.models) if r.models is not None else "*"
+        print(
+            f"{r.id:<14}{r.customer[:21]:<22}{p['status']:<9}{r.rpm or '-':>8}"
+            f"{r.tpm or '-':>10}  {models}"
+        )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    async def go(store: Any) -> Any:
+        return await store.revoke(args.id)
+
+    record = asyncio.run(_with_store(go))
+    if record is None:
+        print(f"switchyard: no key with id {args.id!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(record.public()) if args.json else f"revoked {record.id}")
+    return 0
+
+
+# -- local platform, simulator, bench -------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from app.local.platform import run_platform
+
+    return run_platform(port=args.port, state_dir=args.state_dir, replicas=args.replicas)
+
+
+def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
+    from app.simulator.cli import main as simulate
+
+    return simulate(rest)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from app.bench.client import main as bench
+
+    return bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="switchyard", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run the whole platform locally (Redis, engines, gateway)")
+    up.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    up.add_argument("--state-dir", default=".switchyard", help="logs, data and the catalogue")
+    up.add_argument(
+        "--replicas",
+        type=_positive,
+        default=2,
+        help="simulator replicas per chat model (default 2)",
+    )
+    up.set_defaults(fn=cmd_up)
+
+    gw = sub.add_parser("gateway", help="serve the gateway (settings from SWITCHYARD_*)")
+    gw.add_argument("--host", default=None)
+    gw.add_argument("--port", type=int, default=None)
+    gw.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=None,
+        help="answer 503 above this many open connections",
+    )
+    gw.set_defaults(fn=cmd_gateway)
+
+    sub.add_parser(
+        "simulate", help="run the vLLM engine simulator (see simulate --help)", add_help=False
+    )
+
+    keys = sub.add_parser("keys", help="manage API keys (talks to SWITCHYARD_REDIS_URL)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kc = ksub.add_parser("create", help="create a key; the plaintext is printed once")
+    kc.add_argument("--customer", required=True, help="Stripe customer id, e.g. cus_123")
+    kc.add_argument("--models", default=None, help="comma-separated model names (default: all)")
+    kc.add_argument("--rpm", type=_positive, default=None, help="requests per minute")
+    kc.add_argument("--tpm", type=_positive, default=None, help="tokens per minute")
+    kc.add_argument("--expires-in", type=_duration, default=None, help="e.g. 30d, 12h")
+    kc.add_argument("--name", default="", help="a label for humans")
+    kc.add_argument("--json", action="store_true", help="print one JSON object")
+    kc.set_defaults(fn=cmd_keys_create)
+    kl = ksub.add_parser("list", help="list keys (never their secrets)")
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(fn=cmd_keys_list)
+    kr = ksub.add_parser("revoke", help="revoke a key by id; effective everywhere within 1 s")
+    kr.add_argument("id")
+    kr.add_argument("--json", action="store_true")
+    kr.set_defaults(fn=cmd_keys_revoke)
+
+    from app.bench.client import add_arguments
+
+    bench = sub.add_parser("bench", help="load-test a gateway or an engine")
+    add_arguments(bench)
+    bench.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":
+        return cmd_simulate(argparse.Namespace(), argv[1:])
+    args = build_parser().parse_args(argv)
+    result: int = args.fn(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

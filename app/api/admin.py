@@ -1,0 +1,119 @@
+"""Admin API under /admin/: keys and the replica pool. Guarded by SWITCHYARD_ADMIN_TOKEN.
+
+Without a configured admin token the admin API is off (403), never open.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.auth.keys import valid_id
+from app.errors import forbidden, not_found, unauthorized
+from app.services import Services, get_services
+
+CUSTOMER_PATTERN = r"^[A-Za-z0-9_.:-]{1,255}$"
+
+
+async def require_admin(request: Request) -> None:
+    svc = get_services(request)
+    token = svc.settings.admin_token
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise unauthorized(
+            "Admin endpoints need 'Authorization: Bearer <admin token>'.", "missing_admin_token"
+        )
+    if token is None:
+        raise forbidden("The admin API is disabled: set SWITCHYARD_ADMIN_TOKEN.", "admin_disabled")
+    if not hmac.compare_digest(presented.strip().encode(), token.get_secret_value().encode()):
+        raise forbidden("This token is not the admin token.", "not_admin")
+
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer: str = Field(pattern=CUSTOMER_PATTERN, description="Stripe customer id")
+    name: str = Field("", max_length=200)
+    models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, description="Allowed models; null = all"
+    )
+    rpm: int | None = Field(None, ge=1, description="Requests per minute; null = no limit")
+    tpm: int | None = Field(None, ge=1, description="Tokens per minute; null = no limit")
+    expires_in_s: int | None = Field(None, ge=1, description="Lifetime in seconds")
+
+
+@router.post("/keys", status_code=201)
+async def create_key(body: KeyCreate, svc: ServicesDep) -> JSONResponse:
+    expires_at = time.time() + body.expires_in_s if body.expires_in_s else None
+    record, plaintext = await svc.keys.create(
+        customer=body.customer,
+        models=body.models,
+        rpm=body.rpm,
+        tpm=body.tpm,
+        expires_at=expires_at,
+        name=body.name,
+    )
+    return JSONResponse({**record.public(), "key": plaintext}, status_code=201)
+
+
+@router.get("/keys")
+async def list_keys(svc: ServicesDep) -> dict[str, Any]:
+    return {"object": "list", "data": [r.public() for r in await svc.keys.list()]}
+
+
+def _check_id(key_id: str) -> None:
+    if not valid_id(key_id):
+        raise not_found(f"No key with id '{key_id[:40]}'.", "key_not_found", "id")
+
+
+@router.get("/keys/{key_id}")
+async def get_key(key_id: str, svc: ServicesDep) -> dict[str, Any]:
+    _check_id(key_id)
+    record = await svc.keys.get(key_id)
+    if record is None:
+        raise not_found(f"No key with id '{key_id}'.", "key_not_found", "id")
+    return record.public()
+
+
+@router.delete("/keys/{key_id}")
+async def revoke_key(key_id: str, svc: ServicesDep) -> dict[str, Any]:
+    _check_id(key_id)
+    record = await svc.keys.revoke(key_id)
+    if record is None:
+        raise not_found(f"No key with id '{key_id}'.", "key_not_found", "id")
+    svc.auth.invalidate(key_id)
+    return record.public()
+
+
+@router.get("/pool")
+async def pool(svc: ServicesDep) -> dict[str, Any]:
+    now = time.monotonic()
+    return {
+        "models": [
+            {
+                "model": name,
+                "kind": p.spec.kind.value,
+                "replicas": [
+                    {
+                        "url": r.url,
+                        "healthy": r.healthy,
+                        "available": r.available(now),
+                        "outstanding": r.outstanding,
+                        "ejected_for_s": max(0.0, round(r.ejected_until - now, 1)),
+                    }
+                    for r in p.replicas
+                ],
+            }
+            for name, p in svc.router.pools.items()
+        ]
+    }

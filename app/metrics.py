@@ -1,0 +1,93 @@
+"""Gateway Prometheus metrics, one registry per app (so tests can run several gateways).
+
+Labels are bounded: model names come from the catalogue (unknown names are folded into
+"unknown"), never key ids, customers or anything secret.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# The *_created series double the scrape size and nothing here reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+@dataclass
+class GatewayMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "switchyard_requests",
+            "Requests answered, by model, endpoint and HTTP status.",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "switchyard_request_duration_seconds",
+            "Time from request arrival to the last byte sent.",
+            ["model", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "switchyard_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token relayed (streams).",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "switchyard_tokens",
+            "Tokens served, by model and type (prompt|completion).",
+            ["model", "type"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "switchyard_upstream_errors",
+            "Upstream failures, by model and reason (connect|timeout|status_5xx|broken_stream).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "switchyard_inflight_requests",
+            "Requests being proxied right now.",
+            ["model"],
+            registry=r,
+        )
+        self.client_aborts = Counter(
+            "switchyard_client_disconnects",
+            "Requests whose client went away before the response finished.",
+            ["model"],
+            registry=r,
+        )
+        self.replica_healthy = Gauge(
+            "switchyard_replica_healthy",
+            "1 if the replica passed its last health check.",
+            ["model", "replica"],
+            registry=r,
+        )

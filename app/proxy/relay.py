@@ -1,0 +1,368 @@
+"""Forward a call to a replica and relay the answer, streamed chunk by chunk or whole.
+
+Failover happens only before the client has seen a byte: connect errors, 5xx answers and
+streams that end before their first event are retried on another replica. A stream is primed
+(its first event read) before the response starts, so a replica that dies at once is
+invisible to the client. The engine is always asked for ``include_usage``; the extra chunk is
+dropped again when the client did not ask for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from app.errors import APIError, bad_gateway, gateway_timeout, unavailable
+from app.metrics import GatewayMetrics
+from app.proxy.sse import DONE, SSESplitter, inspect
+from app.routing.pool import ModelPool, Replica
+from app.settings import Settings
+from app.usage import Accounting, Call, TaskSet, Usage
+
+log = logging.getLogger(__name__)
+
+_UPSTREAM_HEADERS = {"content-type": "application/json", "accept": "application/json"}
+_CONNECT_ERRORS = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    aiohttp.ClientPayloadError,
+)
+_RELAYED_CLIENT_ERRORS = {400, 413, 422}
+_T = TypeVar("_T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+class _UpstreamFailure(Exception):
+    """One attempt failed; ``retry`` says whether another replica may be tried."""
+
+    def __init__(self, reason: str, error: APIError, retry: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+        self.retry = retry
+
+
+def _upstream_error(status: int, body: bytes) -> APIError:
+    """Map an engine's non-200 answer to what the client sees."""
+    message = ""
+    try:
+        obj = orjson.loads(body)
+        err = obj.get("error", obj) if isinstance(obj, dict) else {}
+        if isinstance(err, dict):
+            message = str(err.get("message") or "")
+    except orjson.JSONDecodeError:
+        pass
+    if status in _RELAYED_CLIENT_ERRORS:
+        return APIError(
+            status,
+            message or "The model rejected the request.",
+            code="invalid_request" if status != 413 else "request_too_large",
+        )
+    return bad_gateway(f"The model replica answered HTTP {status}.")
+
+
+def _check_status(status: int, body: bytes) -> None:
+    if status >= 500:
+        raise _UpstreamFailure("status_5xx", _upstream_error(status, body), retry=True)
+    if status != 200:
+        raise _upstream_error(status, body)
+
+
+_DISCONNECTED = "The model replica closed the connection."
+
+
+class Proxy:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        metrics: GatewayMetrics,
+        accounting: Accounting,
+        tasks: TaskSet,
+    ) -> None:
+        self._session = session
+        self._settings = settings
+        self.metrics = metrics
+        self._accounting = accounting
+        self._tasks = tasks
+
+    def account(self, call: Call, usage: Usage) -> None:
+        self._tasks.spawn(self._accounting.finish(call, usage))
+
+    async def _with_failover(
+        self, call: Call, pool: ModelPool, attempt: Callable[[Replica], Awaitable[_T]]
+    ) -> _T:
+        """Run ``attempt`` on up to 1 + upstream_retries distinct replicas.
+
+        Each attempt takes one unit of the replica's ``outstanding`` count; it must give it
+        back when it fails or finishes, or hand it on (a stream gives it to its relay)."""
+        tried: list[str] = []
+        last: APIError | None = None
+        for _ in range(self._settings.upstream_retries + 1):
+            replica = pool.pick(tried)
+            if replica is None:
+                break
+            tried.append(replica.url)
+            replica.outstanding += 1
+            try:
+                result = await attempt(replica)
+            except _UpstreamFailure as failure:
+                replica.record_failure()
+                self.metrics.upstream_errors.labels(call.spec.name, failure.reason).inc()
+                log.warning(
+                    "proxy: %s on %s failed: %s", call.request_id, replica.url, failure.reason
+                )
+                if not failure.retry:
+                    raise failure.error from None
+                last = failure.error
+                continue
+            replica.record_success()
+            return result
+        if last is not None:
+            raise last
+        raise unavailable(f"No healthy replica of model '{call.spec.name}' is available.", 1)
+
+    # -- whole responses ----------------------------------------------------------------------
+
+    async def complete(self, call: Call, pool: ModelPool, receive: Receive) -> Response:
+        """Non-streamed call; a client that disconnects cancels the upstream request."""
+        task = asyncio.ensure_future(self._with_failover(call, pool, partial(self._post, call)))
+        gone = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not task.done():
+            task.cancel()
+            self.metrics.client_aborts.labels(call.spec.name).inc()
+            self.account(call, Usage(call.prompt_estimate, 0, "estimated"))
+            raise ClientGone()
+        return self._whole_response(call, task.result())
+
+    async def _post(self, call: Call, replica: Replica) -> bytes:
+        try:
+            async with asyncio.timeout(self._settings.total_timeout_s):
+                async with self._session.post(
+                    replica.url + call.endpoint, data=call.body, headers=_UPSTREAM_HEADERS
+                ) as resp:
+                    status, body = resp.status, await resp.read()
+        except _CONNECT_ERRORS:
+            raise _UpstreamFailure("connect", bad_gateway(_DISCONNECTED), retry=True) from None
+        except TimeoutError:
+            error = gateway_timeout(
+                f"The model did not answer within {self._settings.total_timeout_s:g}s."
+            )
+            raise _UpstreamFailure("timeout", error, retry=False) from None
+        finally:
+            replica.outstanding -= 1
+        _check_status(status, body)
+        return body
+
+    def _whole_response(self, call: Call, body: bytes) -> Response:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise bad_gateway("The model replica sent an invalid JSON answer.") from None
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        if isinstance(usage, dict):
+            prompt = int(usage.get("prompt_tokens") or 0)
+            completion = int(usage.get("completion_tokens") or 0)
+            self.account(call, Usage(prompt, completion, "upstream"))
+        else:
+            self.account(call, Usage(call.prompt_estimate, 0, "estimated"))
+        if call.spec.upstream_name != call.spec.name and isinstance(obj, dict):
+            obj["model"] = call.spec.name
+            body = orjson.dumps(obj)
+        return Response(
+            body, media_type="application/json", headers={"x-request-id": call.request_id}
+        )
+
+    # -- streams -------------------------------------------------------------------------------
+
+    async def stream(self, call: Call, pool: ModelPool) -> Response:
+        relay = await self._with_failover(call, pool, partial(self._open_stream, call))
+        return RelayResponse(
+            relay,
+            media_type="text/event-stream",
+            headers={"x-request-id": call.request_id, "cache-control": "no-cache"},
+        )
+
+    async def _open_stream(self, call: Call, replica: Replica) -> StreamRelay:
+        """Connect and read the first event, so that failures before it can fail over."""
+        resp: aiohttp.ClientResponse | None = None
+        splitter = SSESplitter()
+        first: list[bytes] = []
+        timeout = self._settings.first_token_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                resp = await self._session.post(
+                    replica.url + call.endpoint, data=call.body, headers=_UPSTREAM_HEADERS
+                )
+                if resp.status != 200:
+                    _check_status(resp.status, await resp.read())
+                while not first:
+                    data = await resp.content.readany()
+                    if not data:
+                        raise aiohttp.ServerDisconnectedError("stream ended before any event")
+                    first = splitter.feed(data)
+        except BaseException as exc:
+            replica.outstanding -= 1
+            if resp is not None:
+                resp.close()
+            if isinstance(exc, _CONNECT_ERRORS):
+                raise _UpstreamFailure("connect", bad_gateway(_DISCONNECTED), retry=True) from None
+            if isinstance(exc, TimeoutError):
+                error = gateway_timeout(f"The model sent no token within {timeout:g}s.")
+                raise _UpstreamFailure("timeout", error, retry=False) from None
+            raise
+        return StreamRelay(self, call, replica, resp, splitter, first)
+
+
+class StreamRelay:
+    """One primed upstream stream; ``finish`` is idempotent and never awaits, so it is safe
+    to call from a cancelled task."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        call: Call,
+        replica: Replica,
+        resp: aiohttp.ClientResponse,
+        splitter: SSESplitter,
+        first: list[bytes],
+    ) -> None:
+        self._proxy = proxy
+        self._call = call
+        self._replica = replica
+        self._resp = resp
+        self._splitter = splitter
+        self._first = first
+        self._usage: dict[str, int] | None = None
+        self._chunks = 0
+        self._completed = False
+        self._finished = False
+        self._first_token_at: float | None = None
+        rename = call.spec.upstream_name != call.spec.name
+        self._rename: Callable[[bytes], bytes] | None = None
+        if rename:
+            old = orjson.dumps({"model": call.spec.upstream_name})[1:-1]
+            new = orjson.dumps({"model": call.spec.name})[1:-1]
+            self._rename = lambda b: b.replace(old, new)
+
+    def _filter(self, events: list[bytes]) -> bytes:
+        out: list[bytes] = []
+        keep_usage = self._call.client_wants_usage
+        for ev in events:
+            info = inspect(ev)
+            if info.usage is not None:
+                self._usage = info.usage
+                if info.usage_only and not keep_usage:
+                    continue
+            if info.content:
+                self._chunks += 1
+                if self._first_token_at is None:
+                    self._first_token_at = time.perf_counter()
+            out.append(ev)
+        data = b"".join(out)
+        return self._rename(data) if self._rename is not None else data
+
+    async def body(self) -> AsyncIterator[bytes]:
+        metrics = self._proxy.metrics
+        model = self._call.spec.name
+        total = self._proxy._settings.total_timeout_s
+        deadline = self._call.started + total
+        saw_done = False
+        try:
+            data = self._filter(self._first)
+            saw_done = DONE in data
+            if data:
+                yield data
+            if self._first_token_at is not None:
+                metrics.ttft.labels(model).observe(self._first_token_at - self._call.started)
+            async with asyncio.timeout(max(0.001, deadline - time.perf_counter())):
+                while True:
+                    raw = await self._resp.content.readany()
+                    if not raw:
+                        break
+                    data = self._filter(self._splitter.feed(raw))
+                    if data:
+                        saw_done = saw_done or DONE in data
+                        yield data
+            if not saw_done:
+                raise aiohttp.ClientPayloadError("stream ended without [DONE]")
+            self._completed = True
+        except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else "broken_stream"
+            metrics.upstream_errors.labels(model, reason).inc()
+            log.warning(
+                "proxy: %s stream from %s broke: %s",
+                self._call.request_id,
+                self._replica.url,
+                type(exc).__name__,
+            )
+            err = APIError(
+                502,
+                "The model replica failed mid-stream.",
+                type_="upstream_error",
+                code="upstream_error",
+            )
+            yield b"data: " + orjson.dumps(err.body()) + b"\n\n"
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._completed:
+            self._resp.release()
+        else:
+            self._resp.close()  # closing the connection makes the engine abort generation
+            if self._usage is None:
+                self._proxy.metrics.client_aborts.labels(self._call.spec.name).inc()
+        self._replica.outstanding -= 1
+        call = self._call
+        if self._usage is not None:
+            usage = Usage(
+                self._usage.get("prompt_tokens", call.prompt_estimate),
+                self._usage.get("completion_tokens", self._chunks),
+                "upstream",
+            )
+        else:
+            # Cut off before the engine reported usage: one event per generated token.
+            usage = Usage(call.prompt_estimate, self._chunks, "estimated")
+        self._proxy.account(call, usage)
+
+
+class RelayResponse(StreamingResponse):
+    """A StreamingResponse that always finishes its relay, even if it never started."""
+
+    def __init__(self, relay: StreamRelay, **kwargs: Any) -> None:
+        super().__init__(relay.body(), **kwargs)
+        self._relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._relay.finish()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

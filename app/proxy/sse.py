@@ -1,0 +1,80 @@
+"""Server-sent events from the engine, split into whole events as bytes arrive.
+
+The gateway relays each event as soon as it is complete; it parses JSON only for the rare
+event that carries ``usage``, so the hot loop is a few ``bytes`` searches per chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+DONE = b"data: [DONE]"
+
+
+@dataclass
+class EventInfo:
+    """What the relay needs to know about one event."""
+
+    usage: dict[str, int] | None = None
+    usage_only: bool = False  # the include_usage chunk: choices == [] and usage set
+    content: bool = False  # carries at least one choice (a generated token)
+    error: bool = False
+
+
+class SSESplitter:
+    """Accumulates bytes and returns complete events (each ending with a blank line)."""
+
+    def __init__(self, max_buffer: int = 8 * 1024 * 1024) -> None:
+        self._buf = b""
+        self._max = max_buffer
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf + data if self._buf else data
+        if b"\r\n" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        events: list[bytes] = []
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            events.append(buf[start : end + 2])
+            start = end + 2
+        self._buf = buf[start:]
+        if len(self._buf) > self._max:
+            raise ValueError("upstream sent an event larger than the buffer limit")
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        return self._buf
+
+
+def inspect(event: bytes) -> EventInfo:
+    """Classify one SSE event without a JSON parse unless it carries usage or an error."""
+    info = EventInfo()
+    if not event.startswith(b"data:") or event.startswith(DONE):
+        return info
+    has_usage = (
+        b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event
+    )
+    if b'"error"' in event[:32]:
+        info.error = True
+    if not has_usage:
+        info.content = b'"choices":[]' not in event and b'"choices": []' not in event
+        return info
+    try:
+        obj = orjson.loads(event[5:].strip())
+    except orjson.JSONDecodeError:
+        return info
+    if not isinstance(obj, dict):
+        return info
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        info.usage = {k: int(v) for k, v in usage.items() if isinstance(v, int)}
+    choices = obj.get("choices")
+    info.usage_only = choices == []
+    info.content = bool(choices)
+    return info

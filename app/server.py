@@ -1,0 +1,135 @@
+"""The gateway's app factory: ``create_app(settings)``.
+
+Resources (Redis pool, upstream HTTP client, health checker) live for the app's lifespan and
+reach routes through ``Depends(get_services)``. Every error leaves as an OpenAI-shaped JSON
+body; an unexpected exception is logged with its request path and answered 500 without a
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __version__
+from app.api import admin, health, openai
+from app.auth.authenticator import Authenticator
+from app.auth.keys import KeyStore
+from app.errors import APIError
+from app.metrics import GatewayMetrics
+from app.proxy.relay import Proxy
+from app.routing.pool import Router
+from app.services import Services
+from app.settings import Settings
+from app.usage import Accounting, TaskSet
+
+log = logging.getLogger(__name__)
+
+
+def redis_client(settings: Settings) -> Redis:
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=2.0,
+        socket_connect_timeout=1.0,
+        max_connections=256,
+        health_check_interval=30,
+    )
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: GatewayMetrics = app.state.metrics
+    redis = redis_client(settings)
+    connector = aiohttp.TCPConnector(
+        limit=settings.upstream_max_connections, limit_per_host=0, keepalive_timeout=30
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s),
+        auto_decompress=False,
+    )
+    router = Router(settings.catalog, metrics, settings.health_interval_s)
+    tasks = TaskSet()
+    accounting = Accounting(metrics)
+    keys = KeyStore(redis)
+    app.state.services = Services(
+        settings=settings,
+        redis=redis,
+        session=session,
+        metrics=metrics,
+        keys=keys,
+        auth=Authenticator(keys, settings.key_cache_ttl_s),
+        router=router,
+        proxy=Proxy(session, settings, metrics, accounting, tasks),
+        accounting=accounting,
+        tasks=tasks,
+    )
+    await router.start(session)
+    try:
+        yield
+    finally:
+        await router.stop()
+        await tasks.drain()
+        await session.close()
+        await redis.aclose()
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    status = 400 if err.get("type") == "json_invalid" else 422
+    code = "invalid_json" if status == 400 else "invalid_value"
+    return APIError(
+        status, f"Invalid value for '{param}': {err.get('msg')}.", code=code, param=param
+    ).response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    messages = {404: "Unknown endpoint.", 405: "Method not allowed on this endpoint."}
+    message = messages.get(exc.status_code, str(exc.detail))
+    code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code)
+    return APIError(exc.status_code, message, code=code).response(exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return APIError(
+        500, "The gateway hit an internal error.", type_="server_error", code="internal_error"
+    ).response()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="Switchyard gateway",
+        version=__version__,
+        lifespan=_lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = GatewayMetrics()
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+    app.include_router(health.router)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    return app

@@ -1,0 +1,90 @@
+"""Typed settings: environment (`SWITCHYARD_*`) + the model catalogue YAML -> one frozen object.
+
+Config flows one way: env -> Settings -> create_app(settings). Nothing else reads the
+environment. A bad value stops start-up with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.catalog import Catalog, CatalogError, load_catalog, parse_catalog
+
+ENV_PREFIX = "SWITCHYARD_"
+
+
+class SettingsError(ValueError):
+    """Start-up configuration is invalid; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", case_sensitive=False
+    )
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    catalog: Annotated[Catalog, NoDecode] = Field(
+        default_factory=Catalog, description="Path of the model catalogue YAML"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    admin_token: SecretStr | None = None
+    stripe_api_key: SecretStr | None = None
+    stripe_api_base: str = "https://api.stripe.com"
+    billing_window_s: int = Field(60, ge=1, le=3600)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Hot-path limits and timeouts.
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    key_cache_ttl_s: float = Field(
+        1.0, gt=0, le=1.0, description="Bounds how long a revoked key keeps working (<= 1 s)"
+    )
+    connect_timeout_s: float = Field(3.0, gt=0)
+    first_token_timeout_s: float = Field(60.0, gt=0)
+    total_timeout_s: float = Field(600.0, gt=0)
+    upstream_retries: int = Field(2, ge=0, le=10)
+    health_interval_s: float = Field(2.0, gt=0)
+    upstream_max_connections: int = Field(1024, ge=1)
+
+    @field_validator("catalog", mode="before")
+    @classmethod
+    def _load_catalog(cls, v: Any) -> Any:
+        if v is None or v == "":
+            return Catalog()
+        if isinstance(v, str | Path):
+            return load_catalog(v)
+        if isinstance(v, dict):
+            return parse_catalog(v)
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @field_validator("stripe_api_base")
+    @classmethod
+    def _http_base(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment; turn validation errors into one readable message."""
+    try:
+        return Settings(**overrides)
+    except CatalogError as exc:
+        raise SettingsError(f"{ENV_PREFIX}CATALOG: {exc}") from None
+    except ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            msgs.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}")
+        raise SettingsError("; ".join(msgs)) from None
