@@ -41,9 +41,20 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.fail("redis-server is not installed (the README's test command installs it)")
     port = free_port()
     data = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(  # noqa: S603
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(data)],
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
@@ -65,12 +76,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def redis_url(redis_server: str) -> Iterator[str]:
+def redis_url(redis_server: str) -> str:
     """A clean database for each test."""
     client = redis_sync.Redis.from_url(redis_server)
     client.flushdb()
     client.close()
-    yield redis_server
+    return redis_server
 
 
 def start_simulator(logs: Path, model: str, *args: str) -> Proc:
@@ -102,10 +113,15 @@ def simulators(logs_dir: Path) -> Iterator[dict[str, list[Proc]]]:
 
 def catalog_for(simulators: dict[str, list[Proc]], **extra_models: Any) -> dict[str, Any]:
     models: list[dict[str, Any]] = [
-        {"name": "chat-small", "endpoints": [p.url.removesuffix("/health")
-                                             for p in simulators["chat-small"]]},
-        {"name": "embed-small", "kind": "embedding",
-         "endpoints": [p.url.removesuffix("/health") for p in simulators["embed-small"]]},
+        {
+            "name": "chat-small",
+            "endpoints": [p.url.removesuffix("/health") for p in simulators["chat-small"]],
+        },
+        {
+            "name": "embed-small",
+            "kind": "embedding",
+            "endpoints": [p.url.removesuffix("/health") for p in simulators["embed-small"]],
+        },
     ]
     for name, spec in extra_models.items():
         models.append({"name": name, **spec})
@@ -121,12 +137,17 @@ class GatewayServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, loop="uvloop", http="httptools",
-            log_config=None, access_log=False, lifespan="on",
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            lifespan="on",
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"gw-{self.port}",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.run, name=f"gw-{self.port}", daemon=True)
         self._clients: list[openai.OpenAI] = []
 
     def start(self) -> GatewayServer:
@@ -149,8 +170,9 @@ class GatewayServer:
         return self.app.state.services
 
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url,
-                            headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+        return httpx.Client(
+            base_url=self.url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10
+        )
 
     def create_key(self, **body: Any) -> dict[str, Any]:
         body.setdefault("customer", "cus_test")
@@ -173,9 +195,7 @@ GatewayFactory = Callable[..., GatewayServer]
 
 
 @pytest.fixture
-def gateway_factory(
-    redis_url: str, simulators: dict[str, list[Proc]]
-) -> Iterator[GatewayFactory]:
+def gateway_factory(redis_url: str, simulators: dict[str, list[Proc]]) -> Iterator[GatewayFactory]:
     started: list[GatewayServer] = []
 
     def make(catalog: dict[str, Any] | None = None, **overrides: Any) -> GatewayServer:

@@ -14,9 +14,15 @@ from tests.support.procs import free_port
 MSG = [{"role": "user", "content": "hi"}]
 
 
-def post(gw: GatewayServer, key: str | None, body: Any = None, *, content: bytes | None = None,
-         path: str = "/v1/chat/completions", headers: dict[str, str] | None = None
-         ) -> httpx.Response:
+def post(
+    gw: GatewayServer,
+    key: str | None,
+    body: Any = None,
+    *,
+    content: bytes | None = None,
+    path: str = "/v1/chat/completions",
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     h = {"content-type": "application/json", **(headers or {})}
     if key is not None:
         h["authorization"] = f"Bearer {key}"
@@ -42,10 +48,13 @@ def test_missing_bearer_is_401(gateway: GatewayServer) -> None:
     assert r.headers["www-authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize("header", ["Basic abc", "Bearer", "bearer\tx", "sy-abc", "Token x y", "Bearer a b"])
+@pytest.mark.parametrize(
+    "header", ["Basic abc", "Bearer", "bearer\tx", "sy-abc", "Token x y", "Bearer a b"]
+)
 def test_malformed_authorization_is_401(gateway: GatewayServer, header: str) -> None:
-    r = post(gateway, None, {"model": "chat-small", "messages": MSG},
-             headers={"authorization": header})
+    r = post(
+        gateway, None, {"model": "chat-small", "messages": MSG}, headers={"authorization": header}
+    )
     assert_openai_error(r, 401)
 
 
@@ -120,8 +129,10 @@ def test_invalid_json_is_400(gateway: GatewayServer, api_key: str, content: byte
         ({"messages": MSG}, "model"),
         ({"model": "chat-small"}, "messages"),
         ({"model": "chat-small", "messages": []}, "messages"),
-        ({"model": "chat-small", "messages": [{"role": "wizard", "content": "x"}]},
-         "messages.0.role"),
+        (
+            {"model": "chat-small", "messages": [{"role": "wizard", "content": "x"}]},
+            "messages.0.role",
+        ),
         ({"model": "chat-small", "messages": MSG, "max_tokens": -5}, "max_tokens"),
         ({"model": "chat-small", "messages": MSG, "max_tokens": "ten"}, "max_tokens"),
         ({"model": "chat-small", "messages": MSG, "n": 100000}, "n"),
@@ -151,8 +162,12 @@ def test_chunked_body_too_large_is_413(gateway_factory: GatewayFactory) -> None:
         for _ in range(10):
             yield b"x" * 1000
 
-    r = httpx.post(f"{gw.url}/v1/chat/completions", content=chunks(),
-                   headers={"authorization": f"Bearer {key}"}, timeout=10)
+    r = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        content=chunks(),
+        headers={"authorization": f"Bearer {key}"},
+        timeout=10,
+    )
     assert_openai_error(r, 413, "request_too_large")
 
 
@@ -180,8 +195,11 @@ def test_upstream_timeout_is_504(gateway_factory: GatewayFactory, logs_dir: Any)
     sim = start_simulator(logs_dir, "slow", "--hang")
     try:
         base = sim.url.removesuffix("/health")
-        gw = gateway_factory(catalog={"models": [{"name": "slow", "endpoints": [base]}]},
-                             total_timeout_s=0.5, first_token_timeout_s=0.5)
+        gw = gateway_factory(
+            catalog={"models": [{"name": "slow", "endpoints": [base]}]},
+            total_timeout_s=0.5,
+            first_token_timeout_s=0.5,
+        )
         key = gw.create_key()["key"]
         r = post(gw, key, {"model": "slow", "messages": MSG})
         assert_openai_error(r, 504, "upstream_timeout")
@@ -193,5 +211,4 @@ def test_upstream_timeout_is_504(gateway_factory: GatewayFactory, logs_dir: Any)
 
 def test_unknown_route_and_method_are_openai_shaped(gateway: GatewayServer) -> None:
     assert_openai_error(httpx.get(f"{gateway.url}/v1/nothing-here"), 404, "unknown_url")
-    assert_openai_error(httpx.get(f"{gateway.url}/v1/chat/completions"), 405,
-                        "method_not_allowed")
+    assert_openai_error(httpx.get(f"{gateway.url}/v1/chat/completions"), 405, "method_not_allowed")

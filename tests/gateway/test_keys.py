@@ -20,17 +20,21 @@ MSG = [{"role": "user", "content": "hi"}]
 
 def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SWITCHYARD_REDIS_URL": redis_url}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, text=True,
-                          capture_output=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_only_a_hash_of_the_key_is_stored(gateway: GatewayServer, redis_url: str) -> None:
     created = gateway.create_key(customer="cus_hash")
     secret = created["key"].rsplit("-", 1)[1]
     r = redis.Redis.from_url(redis_url)
-    dump = b"".join(
-        (r.dump(k) or b"") + k for k in r.scan_iter(count=1000)
-    )
+    dump = b"".join((r.dump(k) or b"") + k for k in r.scan_iter(count=1000))
     r.close()
     assert secret.encode() not in dump
     assert created["key"].encode() not in dump
@@ -43,8 +47,20 @@ def test_only_a_hash_of_the_key_is_stored(gateway: GatewayServer, redis_url: str
 
 
 def test_cli_create_list_revoke(gateway: GatewayServer, redis_url: str) -> None:
-    out = cli(redis_url, "keys", "create", "--customer", "cus_cli", "--models",
-              "chat-small,embed-small", "--rpm", "60", "--tpm", "10000", "--json")
+    out = cli(
+        redis_url,
+        "keys",
+        "create",
+        "--customer",
+        "cus_cli",
+        "--models",
+        "chat-small,embed-small",
+        "--rpm",
+        "60",
+        "--tpm",
+        "10000",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     created = json.loads(out.stdout)
     assert created["customer"] == "cus_cli"
@@ -114,8 +130,13 @@ def test_admin_api_is_off_without_a_token(gateway_factory: GatewayFactory) -> No
 
 def test_admin_rejects_bad_key_specs(gateway: GatewayServer) -> None:
     with gateway.admin() as admin:
-        for body in ({"customer": ""}, {"customer": "cus 1"}, {"customer": "c", "rpm": 0},
-                     {"customer": "c", "bogus": 1}, {}):
+        for body in (
+            {"customer": ""},
+            {"customer": "cus 1"},
+            {"customer": "c", "rpm": 0},
+            {"customer": "c", "bogus": 1},
+            {},
+        ):
             r = admin.post("/admin/keys", json=body)
             assert r.status_code == 422, body
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}

@@ -37,9 +37,11 @@ def test_chat_completion_matches_the_engine_exactly(gateway: GatewayServer, api_
 def test_stream_without_include_usage_hides_the_usage_chunk(
     gateway: GatewayServer, api_key: str
 ) -> None:
-    chunks = list(gateway.client(api_key).chat.completions.create(
-        model="chat-small", messages=HELLO, max_tokens=5, stream=True
-    ))
+    chunks = list(
+        gateway.client(api_key).chat.completions.create(
+            model="chat-small", messages=HELLO, max_tokens=5, stream=True
+        )
+    )
     assert all(c.usage is None for c in chunks)
     assert all(c.choices for c in chunks), "no usage-only chunk may reach this client"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -50,10 +52,15 @@ def test_stream_without_include_usage_hides_the_usage_chunk(
 def test_stream_with_include_usage_ends_with_exact_usage(
     gateway: GatewayServer, api_key: str
 ) -> None:
-    chunks = list(gateway.client(api_key).chat.completions.create(
-        model="chat-small", messages=HELLO, max_tokens=6, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        gateway.client(api_key).chat.completions.create(
+            model="chat-small",
+            messages=HELLO,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     last = chunks[-1]
     assert last.choices == []
     assert last.usage is not None
@@ -64,12 +71,14 @@ def test_stream_with_include_usage_ends_with_exact_usage(
 
 def test_stream_text_equals_non_stream_text(gateway: GatewayServer, api_key: str) -> None:
     client = gateway.client(api_key)
-    whole = client.chat.completions.create(model="chat-small", messages=HELLO, max_tokens=9,
-                                           seed=11)
+    whole = client.chat.completions.create(
+        model="chat-small", messages=HELLO, max_tokens=9, seed=11
+    )
     streamed = "".join(
         c.choices[0].delta.content or ""
-        for c in client.chat.completions.create(model="chat-small", messages=HELLO,
-                                                max_tokens=9, seed=11, stream=True)
+        for c in client.chat.completions.create(
+            model="chat-small", messages=HELLO, max_tokens=9, seed=11, stream=True
+        )
         if c.choices
     )
     assert streamed == whole.choices[0].message.content
@@ -84,10 +93,15 @@ def test_completions_endpoint(gateway: GatewayServer, api_key: str) -> None:
 
 
 def test_streamed_completions(gateway: GatewayServer, api_key: str) -> None:
-    chunks = list(gateway.client(api_key).completions.create(
-        model="chat-small", prompt="Once upon a time", max_tokens=4, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        gateway.client(api_key).completions.create(
+            model="chat-small",
+            prompt="Once upon a time",
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
 
 
@@ -112,9 +126,11 @@ def test_models_list_shows_only_allowed_models(gateway: GatewayServer) -> None:
 
 
 def test_responses_carry_a_request_id(gateway: GatewayServer, api_key: str) -> None:
-    r = httpx.post(f"{gateway.url}/v1/chat/completions",
-                   headers={"authorization": f"Bearer {api_key}"},
-                   json={"model": "chat-small", "messages": HELLO, "max_tokens": 1})
+    r = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {api_key}"},
+        json={"model": "chat-small", "messages": HELLO, "max_tokens": 1},
+    )
     assert r.status_code == 200
     assert r.headers["x-request-id"].startswith("req_")
 
@@ -127,13 +143,15 @@ def test_served_name_is_mapped_both_ways(
 
     catalog = catalog_for(simulators)  # type: ignore[arg-type]
     endpoints = catalog["models"][0]["endpoints"]
-    catalog["models"].append({"name": "assistant", "served_name": "chat-small",
-                              "endpoints": endpoints})
+    catalog["models"].append(
+        {"name": "assistant", "served_name": "chat-small", "endpoints": endpoints}
+    )
     gw = gateway_factory(catalog=catalog)  # type: ignore[operator]
     key = gw.create_key()["key"]
     client = gw.client(key)
     whole = client.chat.completions.create(model="assistant", messages=HELLO, max_tokens=2)
     assert whole.model == "assistant"
-    chunks = list(client.chat.completions.create(model="assistant", messages=HELLO,
-                                                 max_tokens=2, stream=True))
+    chunks = list(
+        client.chat.completions.create(model="assistant", messages=HELLO, max_tokens=2, stream=True)
+    )
     assert {c.model for c in chunks} == {"assistant"}

@@ -9,14 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx2
+import httpx
 import pytest
-
-try:  # tests/support/procs.py imports `httpx`; only `httpx2` (openai's client) is installed.
-    import httpx  # noqa: F401
-except ModuleNotFoundError:
-    httpx2.alias_httpx()
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.procs import Proc, free_port, start
@@ -31,7 +25,7 @@ class Sim:
     proc: Proc
     url: str
     baseline: dict[str, Any]
-    http: httpx2.Client  # one pooled client: a fresh one per call costs ~30 ms
+    http: httpx.Client  # one pooled client: a fresh one per call costs ~30 ms
 
     def stop(self) -> None:
         self.http.close()
@@ -84,7 +78,7 @@ def _start_sim(tmp: Path, name: str, *flags: str) -> Sim:
     url = f"http://127.0.0.1:{port}"
     args = [sys.executable, "-m", "app.simulator", "--port", str(port), *flags]
     proc = start(args, tmp / f"{name}.log", ready_url=f"{url}/health")
-    http = httpx2.Client(base_url=url, timeout=10.0)
+    http = httpx.Client(base_url=url, timeout=10.0)
     baseline = dict(http.get("/sim/config").json())
     return Sim(proc=proc, url=url, baseline=baseline, http=http)
 

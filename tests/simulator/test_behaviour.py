@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 
-import httpx2
+import httpx
 import pytest
 
 from tests.simulator.conftest import Sim
@@ -116,7 +116,7 @@ def test_client_disconnect_aborts_a_stream(sim: Sim) -> None:
 
 def test_client_disconnect_aborts_a_non_streaming_request(sim: Sim) -> None:
     sim.configure(tokens_per_s=50)
-    with pytest.raises(httpx2.ReadTimeout):
+    with pytest.raises(httpx.ReadTimeout):
         sim.http.post("/v1/chat/completions", json=_chat(1000), timeout=0.2)
     stats = sim.wait_stats(lambda s: s["aborted"] == 1 and s["running"] == 0)
     assert stats["finished"] == 0
@@ -126,7 +126,7 @@ def test_client_disconnect_aborts_a_non_streaming_request(sim: Sim) -> None:
 def test_disconnect_while_waiting_leaves_the_queue(sim: Sim) -> None:
     sim.configure(max_num_seqs=1, tokens_per_s=20)
     with sim.http.stream("POST", "/v1/chat/completions", json=_chat(100, stream=True)):
-        with pytest.raises(httpx2.ReadTimeout):
+        with pytest.raises(httpx.ReadTimeout):
             sim.http.post("/v1/chat/completions", json=_chat(5), timeout=0.1)
         stats = sim.wait_stats(lambda s: s["waiting"] == 0 and s["aborted"] == 1)
         assert stats["running"] == 1
@@ -152,7 +152,7 @@ def test_fail_after_tokens_breaks_the_stream_after_k_tokens(sim: Sim) -> None:
             assert r.status_code == 200
             events.extend(line for line in r.iter_lines() if line.startswith("data: "))
 
-    with pytest.raises(httpx2.RemoteProtocolError):
+    with pytest.raises(httpx.RemoteProtocolError):
         read_all()
     assert len(events) == 1 + 3  # role, then exactly 3 tokens, then the connection is cut
     assert not any("[DONE]" in e for e in events)
@@ -162,7 +162,7 @@ def test_fail_after_tokens_breaks_the_stream_after_k_tokens(sim: Sim) -> None:
 
 def test_fail_after_tokens_cuts_a_non_streaming_response(sim: Sim) -> None:
     sim.configure(fail_after_tokens=2)
-    with pytest.raises(httpx2.RemoteProtocolError):
+    with pytest.raises(httpx.RemoteProtocolError):
         sim.http.post("/v1/chat/completions", json=_chat(10))
     assert sim.wait_stats(lambda s: s["dropped"] == 1)["running"] == 0
 
@@ -176,7 +176,7 @@ def test_fail_after_tokens_beyond_the_output_changes_nothing(sim: Sim) -> None:
 
 def test_hang_accepts_but_never_answers(sim: Sim) -> None:
     sim.configure(hang=True)
-    with pytest.raises(httpx2.ReadTimeout):
+    with pytest.raises(httpx.ReadTimeout):
         sim.http.post("/v1/chat/completions", json=_chat(5), timeout=0.2)
     assert sim.stats()["hung"] == 1
     sim.configure(hang=False)

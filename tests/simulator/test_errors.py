@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import httpx2
+import httpx
 import pytest
 
 from tests.simulator.conftest import Sim, _start_sim
@@ -12,7 +12,7 @@ from tests.simulator.conftest import Sim, _start_sim
 CHAT = {"model": "chat-small", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def _error(r: httpx2.Response, status: int) -> dict[str, object]:
+def _error(r: httpx.Response, status: int) -> dict[str, object]:
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx2
+import httpx
 import pytest
 
 from app.simulator import SimulatorConfig, create_app
@@ -121,9 +121,9 @@ def test_every_config_field_is_a_cli_flag() -> None:
 def test_create_app_serves_in_process() -> None:
     app = create_app(SimulatorConfig(model="m", ttft_ms=0, tokens_per_s=0))
 
-    async def call() -> httpx2.Response:
-        transport = httpx2.ASGITransport(app=app)
-        async with httpx2.AsyncClient(transport=transport, base_url="http://sim") as client:
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
             return await client.post(
                 "/v1/completions", json={"model": "m", "prompt": "one two", "max_tokens": 3}
             )

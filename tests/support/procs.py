@@ -84,7 +84,7 @@ def start(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **(env or {})}
     with log_path.open("wb") as out:
-        popen = subprocess.Popen(  # noqa: S603
+        popen = subprocess.Popen(
             list(args), stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO
         )
     proc = Proc(popen=popen, log_path=log_path, url=ready_url or "")

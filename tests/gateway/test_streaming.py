@@ -1,0 +1,139 @@
+"""Streams pass through as they are generated, and a client that leaves stops the engine."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import GatewayFactory, GatewayServer, sim_stats, start_simulator, wait_for
+from tests.support.procs import Proc
+
+MSG = [{"role": "user", "content": "Tell me a long story"}]
+
+
+@pytest.fixture
+def slow_sim(logs_dir: Path) -> Iterator[Proc]:
+    """20 tokens/s: a 40-token answer takes about two seconds."""
+    sim = start_simulator(
+        logs_dir, "slow-chat", "--ttft-ms", "10", "--tokens-per-s", "20", "--output-tokens", "1000"
+    )
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def slow_gateway(gateway_factory: GatewayFactory, slow_sim: Proc) -> GatewayServer:
+    base = slow_sim.url.removesuffix("/health")
+    return gateway_factory(catalog={"models": [{"name": "slow-chat", "endpoints": [base]}]})
+
+
+def metric(gw: GatewayServer, name: str, **labels: str) -> float:
+    text = httpx.get(f"{gw.url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_tokens_arrive_as_they_are_generated(slow_gateway: GatewayServer) -> None:
+    key = slow_gateway.create_key()["key"]
+    arrivals: list[float] = []
+    t0 = time.perf_counter()
+    stream = slow_gateway.client(key).chat.completions.create(
+        model="slow-chat", messages=MSG, max_tokens=20, stream=True
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter() - t0)
+    assert len(arrivals) == 20
+    # At 20 tokens/s the stream lasts ~1 s; a buffering proxy would deliver everything at the end.
+    assert arrivals[0] < 0.5 * arrivals[-1]
+    spread = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert sum(1 for s in spread if s > 0.02) >= 15, "chunks were batched, not relayed"
+
+
+def test_client_disconnect_aborts_the_engine_and_bills_what_was_sent(
+    slow_gateway: GatewayServer, slow_sim: Proc
+) -> None:
+    key = slow_gateway.create_key()["key"]
+    body = {"model": "slow-chat", "messages": MSG, "max_tokens": 200, "stream": True}
+    received = 0
+    with httpx.stream(
+        "POST",
+        f"{slow_gateway.url}/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {key}"},
+        timeout=10,
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                received += 1
+            if received == 3:
+                break
+    wait_for(lambda: sim_stats(slow_sim)["aborted"] == 1, timeout=5)
+    stats = sim_stats(slow_sim)
+    assert stats["running"] == 0
+    assert stats["tokens_generated"] < 20, "the engine kept generating after the client left"
+    wait_for(
+        lambda: metric(slow_gateway, "switchyard_client_disconnects_total", model="slow-chat") == 1
+    )
+    completion = metric(
+        slow_gateway, "switchyard_tokens_total", model="slow-chat", type="completion"
+    )
+    assert 3 <= completion <= 6, "tokens relayed before the cut must be accounted"
+    pool = slow_gateway.services.router.pool("slow-chat")
+    wait_for(lambda: pool.replicas[0].outstanding == 0)
+
+
+def test_non_streamed_client_disconnect_aborts_the_engine(
+    slow_gateway: GatewayServer, slow_sim: Proc
+) -> None:
+    key = slow_gateway.create_key()["key"]
+    body = {"model": "slow-chat", "messages": MSG, "max_tokens": 200}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{slow_gateway.url}/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {key}"},
+            timeout=0.5,
+        )
+    wait_for(lambda: sim_stats(slow_sim)["aborted"] == 1, timeout=5)
+    assert sim_stats(slow_sim)["running"] == 0
+
+
+def test_metrics_count_requests_tokens_and_ttft(slow_gateway: GatewayServer) -> None:
+    key = slow_gateway.create_key()["key"]
+    client = slow_gateway.client(key)
+    client.chat.completions.create(model="slow-chat", messages=MSG, max_tokens=2)
+    list(client.chat.completions.create(model="slow-chat", messages=MSG, max_tokens=2, stream=True))
+    labels = {"model": "slow-chat", "endpoint": "/v1/chat/completions", "status": "200"}
+    wait_for(lambda: metric(slow_gateway, "switchyard_requests_total", **labels) == 2)
+    wait_for(
+        lambda: (
+            metric(slow_gateway, "switchyard_tokens_total", model="slow-chat", type="completion")
+            == 4
+        )
+    )
+    assert (
+        metric(slow_gateway, "switchyard_time_to_first_token_seconds_count", model="slow-chat") == 1
+    )
+    assert (
+        metric(
+            slow_gateway,
+            "switchyard_request_duration_seconds_count",
+            model="slow-chat",
+            endpoint="/v1/chat/completions",
+        )
+        == 2
+    )
+    text = httpx.get(f"{slow_gateway.url}/metrics").text
+    assert key not in text
+    assert key.split("-")[1] not in text, "key ids are not metric labels"
