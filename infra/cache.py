@@ -30,7 +30,9 @@ class Cache(pulumi.ComponentResource):
     url: pulumi.Output[str]
     """rediss://:token@host:6379/0, secret: what the gateway's SWITCHYARD_REDIS_URL takes."""
 
-    def __init__(self, name: str, args: CacheArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(
+        self, name: str, args: CacheArgs, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
         super().__init__("switchyard:infra:Cache", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         s = args.settings
@@ -78,7 +80,7 @@ class Cache(pulumi.ComponentResource):
             transit_encryption_mode="required",
             at_rest_encryption_enabled=True,
             auth_token=auth_token,
-            auth_token_update_strategy="ROTATE",
+            auth_token_update_strategy="ROTATE",  # noqa: S106 - a strategy name, not a token
             snapshot_retention_limit=s.snapshot_retention_days,
             apply_immediately=not s.multi_az,
             tags=args.tags,

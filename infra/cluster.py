@@ -348,7 +348,10 @@ def _kubeconfig(name: str, endpoint: str, ca_data: str) -> str:
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
-                {"name": name, "cluster": {"server": endpoint, "certificate-authority-data": ca_data}}
+                {
+                    "name": name,
+                    "cluster": {"server": endpoint, "certificate-authority-data": ca_data},
+                }
             ],
             "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
             "current-context": name,

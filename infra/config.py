@@ -216,8 +216,9 @@ def _bool(where: str, data: Mapping[str, Any], key: str, default: bool) -> bool:
 
 
 def _choice(where: str, value: Any, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{where}: {value!r} is not one of {sorted(allowed)}")
+    names = sorted(str(a) for a in allowed)
+    if value not in names:
+        raise ConfigError(f"{where}: {value!r} is not one of {names}")
     return str(value)
 
 
@@ -256,7 +257,9 @@ def _network(cfg: pulumi.Config, tier: Tier) -> NetworkSettings:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}.cidr: {cidr!r} is not a CIDR block") from None
     if net.version != 4 or net.prefixlen > 16:
-        raise ConfigError(f"{where}.cidr: need an IPv4 /16 or larger (8 subnets of /20), got {cidr}")
+        raise ConfigError(
+            f"{where}.cidr: need an IPv4 /16 or larger (8 subnets of /20), got {cidr}"
+        )
     az_count = _int(where, data, "azCount", 3, 2, 3)
     single_nat = _bool(where, data, "singleNatGateway", tier is Tier.staging)
     if tier is Tier.production and (az_count < 3 or single_nat):
@@ -276,7 +279,9 @@ def _models(catalog_data: Any) -> tuple[tuple[Model, ...], Mapping[str, Any]]:
         where = f"{NAMESPACE}:models[{spec.name}]"
         extra = spec.model_extra or {}
         mode = ServingMode(
-            _choice(f"{where}.serving_mode", extra.get("serving_mode", "knative"), list(ServingMode))
+            _choice(
+                f"{where}.serving_mode", extra.get("serving_mode", "knative"), list(ServingMode)
+            )
         )
         if spec.source is None:
             raise ConfigError(f"{where}.source: required in a stack (hf://, s3:// or /dir)")
@@ -290,11 +295,13 @@ def _models(catalog_data: Any) -> tuple[tuple[Model, ...], Mapping[str, Any]]:
             )
         if inst.gpu_type != spec.gpu.type:
             raise ConfigError(
-                f"{where}.gpu: {spec.gpu.instance_type} carries {inst.gpu_type}, not {spec.gpu.type}"
+                f"{where}.gpu: {spec.gpu.instance_type} carries {inst.gpu_type}, "
+                f"not {spec.gpu.type}"
             )
         if spec.gpu.count > inst.gpus:
             raise ConfigError(
-                f"{where}.gpu.count: {spec.gpu.count} > {inst.gpus} GPU(s) on {spec.gpu.instance_type}"
+                f"{where}.gpu.count: {spec.gpu.count} > {inst.gpus} GPU(s) "
+                f"on {spec.gpu.instance_type}"
             )
         if mode is ServingMode.standard and spec.replicas.min < 1:
             raise ConfigError(f"{where}.replicas.min: standard mode cannot scale to zero; use >= 1")
@@ -303,9 +310,7 @@ def _models(catalog_data: Any) -> tuple[tuple[Model, ...], Mapping[str, Any]]:
     return tuple(models), data
 
 
-def _cluster(
-    cfg: pulumi.Config, tier: Tier, models: Sequence[Model]
-) -> ClusterSettings:
+def _cluster(cfg: pulumi.Config, tier: Tier, models: Sequence[Model]) -> ClusterSettings:
     where = f"{NAMESPACE}:cluster"
     data = _obj(cfg, "cluster")
     _known_keys(
@@ -321,7 +326,9 @@ def _cluster(
         ),
     )
     public = _bool(where, data, "endpointPublicAccess", True)
-    public_cidrs = _cidrs(f"{where}.publicAccessCidrs", data.get("publicAccessCidrs", ["0.0.0.0/0"]))
+    public_cidrs = _cidrs(
+        f"{where}.publicAccessCidrs", data.get("publicAccessCidrs", ["0.0.0.0/0"])
+    )
     if public and tier is Tier.production and "0.0.0.0/0" in public_cidrs:
         raise ConfigError(f"{where}.publicAccessCidrs: production must restrict the API endpoint")
     system_types = data.get("systemInstanceTypes", ["m6i.large"])
@@ -379,7 +386,9 @@ def _cache(cfg: pulumi.Config, tier: Tier) -> CacheSettings:
     _known_keys(where, data, ("nodeType", "nodes", "snapshotRetentionDays"))
     node_type = data.get("nodeType", "cache.t4g.small")
     if not isinstance(node_type, str) or not node_type.startswith("cache."):
-        raise ConfigError(f"{where}.nodeType: expected an ElastiCache node type like cache.r7g.large")
+        raise ConfigError(
+            f"{where}.nodeType: expected an ElastiCache node type like cache.r7g.large"
+        )
     nodes = _int(where, data, "nodes", 1, 1, 6)
     if tier is Tier.production and nodes < 2:
         raise ConfigError(f"{where}.nodes: production needs >= 2 (multi-AZ automatic failover)")
@@ -433,13 +442,15 @@ def _secrets(cfg: pulumi.Config) -> Secrets:
             raise ConfigError(f"{full}: required; set it with `pulumi config set --secret {key}`")
         if not is_config_secret(full):
             raise ConfigError(
-                f"{full}: stored in plain text; remove it and run `pulumi config set --secret {key}`"
+                f"{full}: stored in plain text; remove it and run "
+                f"`pulumi config set --secret {key}`"
             )
     hf_token = None
     if cfg.get("hfToken") is not None:
         if not is_config_secret(f"{NAMESPACE}:hfToken"):
             raise ConfigError(
-                f"{NAMESPACE}:hfToken: stored in plain text; use `pulumi config set --secret hfToken`"
+                f"{NAMESPACE}:hfToken: stored in plain text; "
+                "use `pulumi config set --secret hfToken`"
             )
         hf_token = cfg.require_secret("hfToken")
     return Secrets(

@@ -11,13 +11,14 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 import yaml
 
-from infra.workloads import APP_UID, container_security, labels, pod_security, system_pool
+from infra.workloads import APP_UID, SCRATCH, container_security, labels, pod_security, system_pool
 
 GATEWAY_PORT = 8000
 BILLING_HEALTH_PORT = 9000
 CATALOG_DIR = "/etc/switchyard"
 CATALOG_PATH = f"{CATALOG_DIR}/catalog.yaml"
-SECRET_NAME = "switchyard"
+_LB = "service.beta.kubernetes.io/aws-load-balancer"
+SECRET_NAME = "switchyard"  # noqa: S105 - the Kubernetes Secret object's name
 
 
 @dataclass
@@ -129,7 +130,7 @@ class Gateway(pulumi.ComponentResource):
                         "securityContext": container_security(),
                         "volumeMounts": [
                             {"name": "catalog", "mountPath": CATALOG_DIR, "readOnly": True},
-                            {"name": "tmp", "mountPath": "/tmp"},
+                            {"name": "tmp", "mountPath": SCRATCH},
                         ],
                     }
                 ],
@@ -140,7 +141,9 @@ class Gateway(pulumi.ComponentResource):
             },
         }
 
-    def _deployment(self, component: str, replicas: int, pod: dict[str, Any]) -> k8s.apps.v1.Deployment:
+    def _deployment(
+        self, component: str, replicas: int, pod: dict[str, Any]
+    ) -> k8s.apps.v1.Deployment:
         return k8s.apps.v1.Deployment(
             f"{self._name}-{component}",
             metadata={
@@ -207,7 +210,11 @@ class Gateway(pulumi.ComponentResource):
             f"{self._name}-gateway",
             metadata={"name": "gateway", "namespace": self.ns.metadata.name},
             spec={
-                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "gateway"},
+                "scaleTargetRef": {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "name": "gateway",
+                },
                 "minReplicas": a.replicas,
                 "maxReplicas": a.max_replicas,
                 "metrics": [
@@ -297,15 +304,13 @@ class Gateway(pulumi.ComponentResource):
                         "ELBSecurityPolicy-TLS13-1-2-2021-06"
                     ),
                     "service.beta.kubernetes.io/aws-load-balancer-security-groups": lb_sg.id,
-                    "service.beta.kubernetes.io/aws-load-balancer-manage-backend-security-group-rules": "true",
+                    f"{_LB}-manage-backend-security-group-rules": "true",
                 },
             },
             spec={
                 "type": "LoadBalancer",
                 "selector": {"app.kubernetes.io/name": "gateway"},
-                "ports": [
-                    {"name": "https", "port": 443, "targetPort": "http", "protocol": "TCP"}
-                ],
+                "ports": [{"name": "https", "port": 443, "targetPort": "http", "protocol": "TCP"}],
                 "loadBalancerSourceRanges": list(a.allowed_cidrs),
             },
             opts=pulumi.ResourceOptions(

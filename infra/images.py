@@ -30,7 +30,9 @@ class Images(pulumi.ComponentResource):
     refs: dict[str, pulumi.Output[str]]
     """repo@sha256:... per image: a Deployment pinned to a digest cannot drift."""
 
-    def __init__(self, name: str, args: ImagesArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(
+        self, name: str, args: ImagesArgs, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
         super().__init__("switchyard:infra:Images", name, None, opts)
         self._name = name
         self._args = args

@@ -15,7 +15,7 @@ import pulumi_kubernetes as k8s
 
 from infra.config import Model
 from infra.storage import MODELS_UID
-from infra.workloads import container_security, labels, pod_security, system_pool
+from infra.workloads import SCRATCH, container_security, labels, pod_security, system_pool
 
 MOUNT = "/models"
 
@@ -97,7 +97,7 @@ class ModelJobs(pulumi.ComponentResource):
                         "secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN", "optional": True}
                     },
                 },
-                {"name": "HOME", "value": "/tmp"},
+                {"name": "HOME", "value": SCRATCH},
             ],
             "resources": {
                 "requests": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "1Gi"},
@@ -106,7 +106,7 @@ class ModelJobs(pulumi.ComponentResource):
             "securityContext": container_security(),
             "volumeMounts": [
                 {"name": "models", "mountPath": MOUNT},
-                {"name": "tmp", "mountPath": "/tmp"},
+                {"name": "tmp", "mountPath": SCRATCH},
             ],
         }
         return k8s.batch.v1.Job(

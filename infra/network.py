@@ -135,9 +135,7 @@ class Network(pulumi.ComponentResource):
             table = aws.ec2.RouteTable(
                 f"{self._name}-private-{i}",
                 vpc_id=self.vpc.id,
-                routes=[
-                    aws.ec2.RouteTableRouteArgs(cidr_block="0.0.0.0/0", nat_gateway_id=nat.id)
-                ],
+                routes=[aws.ec2.RouteTableRouteArgs(cidr_block="0.0.0.0/0", nat_gateway_id=nat.id)],
                 tags={**self._args.tags, "Name": f"{self._name}-private-{i}"},
                 opts=child,
             )
@@ -155,7 +153,10 @@ class Network(pulumi.ComponentResource):
                 opts=child,
             )
             aws.ec2.RouteTableAssociation(
-                f"{self._name}-private-{i}", subnet_id=subnet.id, route_table_id=table.id, opts=child
+                f"{self._name}-private-{i}",
+                subnet_id=subnet.id,
+                route_table_id=table.id,
+                opts=child,
             )
             ids.append(subnet.id)
         return ids

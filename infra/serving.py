@@ -19,7 +19,15 @@ from infra import versions
 from infra.config import GPU_INSTANCES, Model, ServingMode
 from infra.models import revisions, source_at
 from infra.storage import MODELS_UID
-from infra.workloads import container_security, gpu_placement, labels, pod_security, system_pool
+from infra.workloads import (
+    SCRATCH,
+    SHM,
+    container_security,
+    gpu_placement,
+    labels,
+    pod_security,
+    system_pool,
+)
 
 RUNTIME_NAME = "vllm"
 VLLM_PORT = 8080
@@ -79,8 +87,8 @@ def _model_container(model: Model, revision: str, runtime: str) -> dict[str, Any
         "securityContext": container_security(),
         # Read-only root: vLLM's compile caches go to /tmp, NCCL needs a real /dev/shm.
         "volumeMounts": [
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": SCRATCH},
+            {"name": "shm", "mountPath": SHM},
         ],
     }
 
@@ -150,8 +158,7 @@ def render_inference_services(
     for name, revision, min_r, max_r in variants:
         predictor = _predictor(model, revision, min_r, max_r)
         query = (
-            f'sum(vllm:num_requests_waiting{{namespace="{namespace}",'
-            f'pod=~"{name}-predictor-.*"}})'
+            f'sum(vllm:num_requests_waiting{{namespace="{namespace}",pod=~"{name}-predictor-.*"}})'
         )
         predictor["autoScaling"] = {
             "metrics": [
@@ -238,9 +245,7 @@ class Serving(pulumi.ComponentResource):
         for model in args.models:
             for obj in render_inference_services(model, args.namespace_name, args.prometheus_url):
                 self.inference_services[obj["name"]] = self._create_isvc(model, obj, runtime)
-        self.register_outputs(
-            {"inference_services": [n for n in self.inference_services]}
-        )
+        self.register_outputs({"inference_services": [n for n in self.inference_services]})
 
     def _release(
         self, suffix: str, chart: str, version: str, namespace: str, **kwargs: Any
@@ -276,7 +281,9 @@ class Serving(pulumi.ComponentResource):
             "knative-operator",
             versions.KNATIVE_OPERATOR_CHART,
             "knative-operator",
-            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo="https://knative.github.io/operator"),
+            repository_opts=k8s.helm.v3.RepositoryOptsArgs(
+                repo="https://knative.github.io/operator"
+            ),
         )
         knative_ns = k8s.core.v1.Namespace(
             f"{self._name}-knative-serving",
@@ -311,7 +318,9 @@ class Serving(pulumi.ComponentResource):
             "keda",
             versions.KEDA_CHART,
             "keda",
-            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo="https://kedacore.github.io/charts"),
+            repository_opts=k8s.helm.v3.RepositoryOptsArgs(
+                repo="https://kedacore.github.io/charts"
+            ),
             values=on_system,
         )
         crds = self._release(
@@ -356,7 +365,7 @@ class Serving(pulumi.ComponentResource):
                         "env": [
                             {"name": "SWITCHYARD_MODEL_ROOT", "value": "/mnt/models"},
                             {"name": "HF_HUB_OFFLINE", "value": "1"},
-                            {"name": "HOME", "value": "/tmp"},
+                            {"name": "HOME", "value": SCRATCH},
                         ],
                         "ports": [{"containerPort": VLLM_PORT, "protocol": "TCP"}],
                         "resources": {

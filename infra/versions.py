@@ -15,7 +15,7 @@ CERT_MANAGER_CHART = "v1.18.2"
 
 KNATIVE_OPERATOR_CHART = "v1.21.4"
 KNATIVE_SERVING = "1.21"
-"""The operator installs Serving from a declarative KnativeServing object whose feature flags we own."""
+"""The operator installs Serving from a KnativeServing object whose feature flags we own."""
 
 KSERVE_CHART = "v0.20.0"
 """KServe release whose CRDs are vendored in tests/infra/schemas."""

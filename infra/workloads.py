@@ -13,6 +13,10 @@ from infra.cluster import GPU_TAINT_KEY, GPU_TYPE_LABEL, POOL_LABEL
 APP_UID = 10001
 """Non-root user of the gateway image."""
 
+# Container paths backed by emptyDir volumes (the root filesystem is read-only), not host dirs.
+SCRATCH = "/tmp"  # noqa: S108
+SHM = "/dev/shm"  # noqa: S108
+
 
 def labels(component: str, **extra: str) -> dict[str, str]:
     return {

@@ -192,11 +192,11 @@ def eks_hardened(res: Res) -> list[str]:
         out.append("EKS must envelope-encrypt Kubernetes secrets with KMS")
     if "audit" not in (p.get("enabledClusterLogTypes") or []):
         out.append("EKS audit logging must be enabled")
-    if _get(p, "vpcConfig", "endpointPublicAccess") and "0.0.0.0/0" in (
+    world_api = _get(p, "vpcConfig", "endpointPublicAccess") and "0.0.0.0/0" in (
         _get(p, "vpcConfig", "publicAccessCidrs") or ["0.0.0.0/0"]
-    ):
-        if _get(p, "tags", "switchyard:tier") == "production":
-            out.append("production EKS API endpoint must not be open to 0.0.0.0/0")
+    )
+    if world_api and _get(p, "tags", "switchyard:tier") == "production":
+        out.append("production EKS API endpoint must not be open to 0.0.0.0/0")
     return out
 
 

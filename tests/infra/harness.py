@@ -77,7 +77,9 @@ class Registered:
 class _Mocks(pulumi_mocks.Mocks):
     """Plays the cloud: returns the outputs later resources read (ids, ARNs, endpoints)."""
 
-    def new_resource(self, args: pulumi_mocks.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
+    def new_resource(
+        self, args: pulumi_mocks.MockResourceArgs
+    ) -> tuple[str | None, dict[str, Any]]:
         state = _plain(args.inputs)
         name, typ = args.name, args.typ
         rid = f"{name}-id"
@@ -124,7 +126,7 @@ class _Monitor(pulumi_mocks.MockMonitor):
         super().__init__(mocks)
         self.registered: list[Registered] = []
 
-    def RegisterResource(self, request: Any) -> Any:  # noqa: N802 - gRPC method name
+    def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
             inputs = rpc.deserialize_properties(request.object)
@@ -171,7 +173,9 @@ def run_program(
     """Run infra/__main__.py for `stack` with `config` (+ secret config) under mocks."""
     secrets = dict(SECRET_CONFIG if secret_keys is None else secret_keys)
     monitor = _Monitor(_Mocks())
-    pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
+    pulumi.runtime.set_mocks(
+        monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor
+    )
     set_all_config({**config, **secrets}, list(secrets))
     outputs: dict[str, Any] = {}
     secret_outputs: set[str] = set()
