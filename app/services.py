@@ -31,6 +31,7 @@ class Services:
     tasks: TaskSet
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """Async on purpose: FastAPI runs a sync dependency in a thread pool, one hop per request."""
     services: Services = request.app.state.services
     return services

@@ -21,7 +21,7 @@ CUSTOMER_PATTERN = r"^[A-Za-z0-9_.:-]{1,255}$"
 
 
 async def require_admin(request: Request) -> None:
-    svc = get_services(request)
+    svc = await get_services(request)
     token = svc.settings.admin_token
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,8 @@ class LoadSpec:
     requests: int = 100
     stream: bool = False
     max_tokens: int = 16
+    max_tokens_spread: int = 0  # each request asks for max_tokens +- spread (seeded)
+    seed: int = 0
     prompt: str = "Say something about switchyards and trains."
     warmup: int = 10
 
@@ -100,7 +103,14 @@ async def run_load(spec: LoadSpec) -> LoadResult:
     }
     if spec.stream:
         payload["stream_options"] = {"include_usage": True}
-    body = orjson.dumps(payload)
+    rng = random.Random(spec.seed)
+
+    def next_body() -> bytes:
+        if spec.max_tokens_spread:
+            payload["max_tokens"] = spec.max_tokens + rng.randint(-spec.max_tokens_spread,
+                                                                  spec.max_tokens_spread)
+        return orjson.dumps(payload)
+
     headers = {"authorization": f"Bearer {spec.api_key}", "content-type": "application/json"}
     result = LoadResult(spec=asdict(spec) | {"api_key": "[redacted]"})
     latencies: list[float] = []
@@ -108,14 +118,14 @@ async def run_load(spec: LoadSpec) -> LoadResult:
     connector = aiohttp.TCPConnector(limit=spec.concurrency, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         for _ in range(spec.warmup):
-            await _one(session, spec, body, headers)
+            await _one(session, spec, next_body(), headers)
         remaining = spec.requests
 
         async def worker() -> None:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                lat, ttft, tokens, err = await _one(session, spec, body, headers)
+                lat, ttft, tokens, err = await _one(session, spec, next_body(), headers)
                 if err is not None:
                     result.errors[err] = result.errors.get(err, 0) + 1
                     continue
