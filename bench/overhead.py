@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
 import os
 import platform
@@ -30,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.bench.client import LoadResult, LoadSpec, run_load  # noqa: E402
+from app.cli import main as cli  # noqa: E402
 from app.local.procs import Child, free_port, http_ok, port_open, spawn, wait_until  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -44,34 +47,48 @@ def start_stack(work: Path) -> tuple[list[Child], str, str, str]:
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
         raise SystemExit("redis-server is needed (./dev test installs it)")
-    redis = spawn("redis", [redis_bin, "--port", str(redis_port), "--save", "",
-                            "--appendonly", "no"], logs)
+    redis = spawn(
+        "redis", [redis_bin, "--port", str(redis_port), "--save", "", "--appendonly", "no"], logs
+    )
     children.append(redis)
     wait_until(lambda: port_open("127.0.0.1", redis_port), redis)
-    sim = spawn("simulator", [sys.executable, "-m", "app.simulator", "--model", "chat-small",
-                              "--port", str(sim_port), "--ttft-ms", "10",
-                              "--tokens-per-s", "200", "--output-tokens", "1000"], logs)
+    sim = spawn(
+        "simulator",
+        [
+            sys.executable,
+            "-m",
+            "app.simulator",
+            "--model",
+            "chat-small",
+            "--port",
+            str(sim_port),
+            "--ttft-ms",
+            "10",
+            "--tokens-per-s",
+            "200",
+            "--output-tokens",
+            "1000",
+        ],
+        logs,
+    )
     children.append(sim)
     direct = f"http://127.0.0.1:{sim_port}"
     wait_until(lambda: http_ok(f"{direct}/health"), sim)
     catalog = work / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"models": [{"name": "chat-small",
-                                                   "endpoints": [direct]}]}))
-    env = {"SWITCHYARD_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-           "SWITCHYARD_CATALOG": str(catalog), "SWITCHYARD_PORT": str(gw_port),
-           "SWITCHYARD_LOG_LEVEL": "warning"}
+    catalog.write_text(yaml.safe_dump({"models": [{"name": "chat-small", "endpoints": [direct]}]}))
+    env = {
+        "SWITCHYARD_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "SWITCHYARD_CATALOG": str(catalog),
+        "SWITCHYARD_PORT": str(gw_port),
+        "SWITCHYARD_LOG_LEVEL": "warning",
+    }
     gw = spawn("gateway", [sys.executable, "-m", "app.cli", "gateway"], logs, env)
     children.append(gw)
     gateway = f"http://127.0.0.1:{gw_port}"
     wait_until(lambda: http_ok(f"{gateway}/readyz"), gw)
-    os.environ.update({"SWITCHYARD_REDIS_URL": env["SWITCHYARD_REDIS_URL"]})
-    from app.cli import main as cli  # create the key the way an operator would
-
-    import contextlib
-    import io
-
+    os.environ["SWITCHYARD_REDIS_URL"] = env["SWITCHYARD_REDIS_URL"]
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out):  # create the key the way an operator would
         cli(["keys", "create", "--customer", "cus_bench", "--json"])
     key = json.loads(out.getvalue())["key"]
     return children, direct, gateway, key
@@ -79,6 +96,7 @@ def start_stack(work: Path) -> tuple[list[Child], str, str, str]:
 
 def merge(results: list[LoadResult]) -> dict[str, Any]:
     """Median of each statistic over rounds."""
+
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 3)
 
@@ -86,30 +104,42 @@ def merge(results: list[LoadResult]) -> dict[str, Any]:
         "ok": sum(r.ok for r in results),
         "errors": sum(sum(r.errors.values()) for r in results),
         "throughput_rps": med([r.throughput_rps for r in results]),
-        "latency_ms": {k: med([r.latency_ms[k] for r in results])
-                       for k in ("p50", "p90", "p99", "mean")},
+        "latency_ms": {
+            k: med([r.latency_ms[k] for r in results]) for k in ("p50", "p90", "p99", "mean")
+        },
     }
     if all(r.ttft_ms for r in results):
         out["ttft_ms"] = {k: med([r.ttft_ms[k] for r in results]) for k in ("p50", "p99")}
     return out
 
 
-async def measure(direct: str, gateway: str, key: str, rounds: int, requests: int,
-                  max_tokens: int) -> list[dict[str, Any]]:
+async def measure(
+    direct: str, gateway: str, key: str, rounds: int, requests: int, max_tokens: int
+) -> list[dict[str, Any]]:
     rows = []
     for stream, concurrency in CASES:
         n = requests if concurrency > 1 else max(100, requests // 10)
         sides: dict[str, list[LoadResult]] = {"direct": [], "gateway": []}
         for _ in range(rounds):
             for side, base in (("direct", direct), ("gateway", gateway)):
-                spec = LoadSpec(base_url=f"{base}/v1", model="chat-small", api_key=key,
-                                concurrency=concurrency, requests=n, stream=stream,
-                                max_tokens=max_tokens, warmup=min(concurrency * 2, 50))
+                spec = LoadSpec(
+                    base_url=f"{base}/v1",
+                    model="chat-small",
+                    api_key=key,
+                    concurrency=concurrency,
+                    requests=n,
+                    stream=stream,
+                    max_tokens=max_tokens,
+                    warmup=min(concurrency * 2, 50),
+                )
                 sides[side].append(await run_load(spec))
         d, g = merge(sides["direct"]), merge(sides["gateway"])
         row: dict[str, Any] = {
-            "stream": stream, "concurrency": concurrency, "requests_per_round": n,
-            "direct": d, "gateway": g,
+            "stream": stream,
+            "concurrency": concurrency,
+            "requests_per_round": n,
+            "direct": d,
+            "gateway": g,
             "added_p50_ms": round(g["latency_ms"]["p50"] - d["latency_ms"]["p50"], 3),
             "added_p99_ms": round(g["latency_ms"]["p99"] - d["latency_ms"]["p99"], 3),
             "throughput_ratio": round(g["throughput_rps"] / d["throughput_rps"], 4),
@@ -118,9 +148,12 @@ async def measure(direct: str, gateway: str, key: str, rounds: int, requests: in
             row["added_ttft_p50_ms"] = round(g["ttft_ms"]["p50"] - d["ttft_ms"]["p50"], 3)
             row["added_ttft_p99_ms"] = round(g["ttft_ms"]["p99"] - d["ttft_ms"]["p99"], 3)
         rows.append(row)
-        print(f"stream={stream!s:<5} c={concurrency:<3} added p50 {row['added_p50_ms']:7.2f} ms"
-              f"  p99 {row['added_p99_ms']:7.2f} ms  throughput x{row['throughput_ratio']:.3f}"
-              + (f"  ttft +{row['added_ttft_p50_ms']:.2f} ms" if stream else ""), flush=True)
+        print(
+            f"stream={stream!s:<5} c={concurrency:<3} added p50 {row['added_p50_ms']:7.2f} ms"
+            f"  p99 {row['added_p99_ms']:7.2f} ms  throughput x{row['throughput_ratio']:.3f}"
+            + (f"  ttft +{row['added_ttft_p50_ms']:.2f} ms" if stream else ""),
+            flush=True,
+        )
     return rows
 
 
@@ -140,8 +173,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0].legend()
     streams = [r for r in rows if r["stream"]]
     axes[1].bar(range(len(streams)), [r["added_ttft_p50_ms"] for r in streams], 0.5)
-    axes[1].set_xticks(range(len(streams)),
-                       [f"c={r['concurrency']}" for r in streams])
+    axes[1].set_xticks(range(len(streams)), [f"c={r['concurrency']}" for r in streams])
     axes[1].set_title("Time to first token added, p50 (ms)")
     axes[2].bar(xs, [r["throughput_ratio"] for r in rows], 0.5)
     axes[2].axhline(1.0, color="grey", linewidth=1)
@@ -155,8 +187,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--requests", type=int, default=1500, help="per round at concurrency 32")
     p.add_argument("--max-tokens", type=int, default=16)
@@ -168,19 +201,26 @@ def main() -> int:
         children, direct, gateway, key = start_stack(Path(tmp))
         try:
             t0 = time.time()
-            rows = asyncio.run(measure(direct, gateway, key, args.rounds, args.requests,
-                                       args.max_tokens))
+            rows = asyncio.run(
+                measure(direct, gateway, key, args.rounds, args.requests, args.max_tokens)
+            )
         finally:
             for c in reversed(children):
                 c.stop()
     result = {
         "benchmark": "gateway overhead vs direct simulator",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
-        "load": {"rounds": args.rounds, "max_tokens": args.max_tokens,
-                 "simulator": "ttft 10 ms, 200 tokens/s per sequence",
-                 "client": asdict(LoadSpec(base_url="", model="chat-small"))["prompt"]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "load": {
+            "rounds": args.rounds,
+            "max_tokens": args.max_tokens,
+            "simulator": "ttft 10 ms, 200 tokens/s per sequence",
+            "client": asdict(LoadSpec(base_url="", model="chat-small"))["prompt"],
+        },
         "target": "added p50 < 2 ms at concurrency 32",
         "cases": rows,
     }

@@ -107,8 +107,9 @@ async def run_load(spec: LoadSpec) -> LoadResult:
 
     def next_body() -> bytes:
         if spec.max_tokens_spread:
-            payload["max_tokens"] = spec.max_tokens + rng.randint(-spec.max_tokens_spread,
-                                                                  spec.max_tokens_spread)
+            payload["max_tokens"] = spec.max_tokens + rng.randint(
+                -spec.max_tokens_spread, spec.max_tokens_spread
+            )
         return orjson.dumps(payload)
 
     headers = {"authorization": f"Bearer {spec.api_key}", "content-type": "application/json"}
