@@ -65,6 +65,21 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print(
             "switchyard: warning: the catalogue is empty (set SWITCHYARD_CATALOG)", file=sys.stderr
         )
+    if args.workers > 1:
+        # Each worker process builds its own app from the environment (same settings).
+        uvicorn.run(
+            "app.server:app_from_env",
+            factory=True,
+            workers=args.workers,
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+        return 0
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -193,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="serve the gateway (settings from SWITCHYARD_*)")
     gw.add_argument("--host", default=None)
     gw.add_argument("--port", type=int, default=None)
+    gw.add_argument(
+        "--workers", type=_positive, default=1, help="worker processes sharing the port"
+    )
     gw.add_argument(
         "--limit-concurrency",
         type=int,

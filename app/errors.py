@@ -95,3 +95,9 @@ def bad_gateway(message: str) -> APIError:
 
 def gateway_timeout(message: str) -> APIError:
     return APIError(504, message, type_="timeout", code="upstream_timeout")
+
+
+def internal_error() -> APIError:
+    return APIError(
+        500, "The gateway hit an internal error.", type_="server_error", code="internal_error"
+    )

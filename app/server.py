@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 from fastapi import FastAPI, Request
@@ -18,12 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from app import __version__
 from app.api import admin, health, openai
 from app.auth.authenticator import Authenticator
 from app.auth.keys import KeyStore
-from app.errors import APIError
+from app.errors import APIError, internal_error
 from app.metrics import GatewayMetrics
 from app.proxy.relay import Proxy
 from app.routing.pool import Router
@@ -110,13 +112,37 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return APIError(
-        500, "The gateway hit an internal error.", type_="server_error", code="internal_error"
-    ).response()
+    return internal_error().response()
 
 
-def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(
+class GatewayApp(FastAPI):
+    """FastAPI for everything but the proxied POST endpoints, which go straight to plain ASGI
+    (see ``ProxyEndpoints``): the same app object, state and lifespan either way."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._proxy = openai.ProxyEndpoints()
+        self._hot = frozenset(openai.ProxyEndpoints.PATHS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self._hot:
+            if scope["method"] != "POST":
+                error = APIError(
+                    405,
+                    "Method not allowed on this endpoint; use POST.",
+                    code="method_not_allowed",
+                    headers={"allow": "POST"},
+                )
+                await error.response()(scope, receive, send)
+                return
+            scope["app"] = self
+            await self._proxy(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings) -> GatewayApp:
+    app = GatewayApp(
         title="Switchyard gateway",
         version=__version__,
         lifespan=_lifespan,
@@ -133,3 +159,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     return app
+
+
+def app_from_env() -> GatewayApp:
+    """Factory for ``uvicorn --factory`` worker processes: settings from the environment."""
+    from app.logs import configure
+    from app.settings import load_settings
+
+    settings = load_settings()
+    configure(settings.log_level)
+    return create_app(settings)

@@ -82,7 +82,10 @@ def start_stack(work: Path) -> tuple[list[Child], str, str, str]:
         "SWITCHYARD_PORT": str(gw_port),
         "SWITCHYARD_LOG_LEVEL": "warning",
     }
-    gw = spawn("gateway", [sys.executable, "-m", "app.cli", "gateway"], logs, env)
+    workers = os.environ.get("BENCH_GATEWAY_WORKERS", "1")
+    gw = spawn(
+        "gateway", [sys.executable, "-m", "app.cli", "gateway", "--workers", workers], logs, env
+    )
     children.append(gw)
     gateway = f"http://127.0.0.1:{gw_port}"
     wait_until(lambda: http_ok(f"{gateway}/readyz"), gw)

@@ -7,24 +7,35 @@ schema (422) -> model exists (404) -> key may use it (403) -> endpoint fits the 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from starlette.types import Receive, Scope, Send
 
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.auth.keys import KeyRecord
 from app.catalog import ModelKind, ModelSpec
-from app.errors import APIError, bad_request, forbidden, not_found, too_large, unprocessable
-from app.proxy.relay import ClientGone
+from app.errors import (
+    APIError,
+    bad_request,
+    forbidden,
+    internal_error,
+    not_found,
+    too_large,
+    unprocessable,
+)
+from app.proxy.relay import StreamRelay
 from app.services import Services, get_services
 from app.tokens import estimate_prompt_tokens
 from app.usage import Call
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 
 CHAT = "/v1/chat/completions"
@@ -47,19 +58,24 @@ _ARTICLE = {ModelKind.chat: "a", ModelKind.completion: "a", ModelKind.embedding:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
     """The request body, refusing (413) as soon as it exceeds ``limit`` bytes."""
-    declared = request.headers.get("content-length")
+    declared = headers.get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise too_large(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -110,17 +126,53 @@ def upstream_body(payload: dict[str, Any], spec: ModelSpec, stream: bool) -> byt
     return orjson.dumps(payload)
 
 
-async def _proxy(request: Request, svc: Services, endpoint: str) -> Response:
-    started = time.perf_counter()
-    model_label = "unknown"
-    status = 500
-    try:
-        key = await svc.auth.authenticate(request.headers.get("authorization"))
-        payload = parse_json(await read_body(request, svc.settings.max_body_bytes))
+class ClientDisconnected(Exception):
+    """The client went away; nobody is left to answer."""
+
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class ProxyEndpoints:
+    """The three proxied POST endpoints as plain ASGI, ahead of FastAPI's routing and
+    dependency machinery: they are the hot path, paid for by every request. A watcher task
+    turns a client disconnect into cancellation of the request, which closes the upstream
+    connection and so stops the engine."""
+
+    PATHS = (CHAT, COMPLETIONS, EMBEDDINGS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        svc: Services = scope["app"].state.services
+        state = _Exchange(svc, scope["path"], time.perf_counter())
+        try:
+            await self._serve(state, dict(scope["headers"]), receive, send)
+        except APIError as exc:
+            state.status = exc.status
+            if not state.response_started:
+                await _send_error(send, exc)
+        except ClientDisconnected:
+            state.status = 499
+        except Exception as exc:  # never a traceback to the client
+            log.error("unhandled error on POST %s", state.endpoint, exc_info=exc)
+            state.status = 500
+            if not state.response_started:
+                await _send_error(send, internal_error())
+        finally:
+            state.record()
+
+    async def _serve(
+        self, state: _Exchange, headers: dict[bytes, bytes], receive: Receive, send: Send
+    ) -> None:
+        svc, endpoint = state.svc, state.endpoint
+        authorization = headers.get(b"authorization")
+        key = await svc.auth.authenticate(
+            authorization.decode("latin-1") if authorization else None
+        )
+        payload = parse_json(await read_body(receive, headers, svc.settings.max_body_bytes))
         parsed = validate(endpoint, payload)
-        name = payload["model"]
-        spec = resolve_model(svc, key, name, endpoint)
-        model_label = spec.name
+        spec = resolve_model(svc, key, payload["model"], endpoint)
+        state.model = spec.name
         stream = bool(getattr(parsed, "stream", False))
         options = getattr(parsed, "stream_options", None)
         call = Call(
@@ -132,45 +184,113 @@ async def _proxy(request: Request, svc: Services, endpoint: str) -> Response:
             stream=stream,
             client_wants_usage=bool(options and options.include_usage),
             prompt_estimate=estimate_prompt_tokens(payload),
-            started=started,
+            started=state.started,
         )
         pool = svc.router.pool(spec.name)
         assert pool is not None  # every catalogue model has a pool
-        svc.metrics.inflight.labels(model_label).inc()
+        inflight = svc.metrics.inflight.labels(spec.name)
+        inflight.inc()
+        watcher = _DisconnectWatcher(receive)
         try:
             if stream:
-                response = await svc.proxy.stream(call, pool)
+                relay = await svc.proxy.stream(call, pool)
+                await _send_stream(state, call, relay, send, watcher)
             else:
-                response = await svc.proxy.complete(call, pool, request.receive)
+                body = await svc.proxy.complete(call, pool)
+                state.status = 200
+                watcher.done = True
+                await _send_whole(send, 200, body, call.request_id)
+        except asyncio.CancelledError:
+            if not watcher.gone:
+                raise
+            if not stream:
+                svc.proxy.abandon(call)
+            raise ClientDisconnected() from None
         finally:
-            svc.metrics.inflight.labels(model_label).dec()
-        status = response.status_code
-        return response
-    except APIError as exc:
-        status = exc.status
-        raise
-    except ClientGone:
-        status = 499
-        return Response(status_code=499)
+            watcher.stop()
+            inflight.dec()
+
+
+class _Exchange:
+    """What one request's metrics need, filled in as it goes."""
+
+    __slots__ = ("endpoint", "model", "response_started", "started", "status", "svc")
+
+    def __init__(self, svc: Services, endpoint: str, started: float) -> None:
+        self.svc = svc
+        self.endpoint = endpoint
+        self.started = started
+        self.model = "unknown"
+        self.status = 500
+        self.response_started = False
+
+    def record(self) -> None:
+        metrics = self.svc.metrics
+        metrics.requests.labels(self.model, self.endpoint, str(self.status)).inc()
+        if self.status != 200:  # a success's duration is observed when its usage is accounted
+            metrics.latency.labels(self.model, self.endpoint).observe(
+                time.perf_counter() - self.started
+            )
+
+
+class _DisconnectWatcher:
+    """Cancels the current task when the client disconnects (once the body has been read)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        self.done = False  # set before the final send: a finished response is no disconnect
+        self._receive = receive
+        self._owner = asyncio.current_task()
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                if not self.done and self._owner is not None:
+                    self.gone = True
+                    self._owner.cancel()
+                return
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def _send_stream(
+    state: _Exchange, call: Call, relay: StreamRelay, send: Send, watcher: _DisconnectWatcher
+) -> None:
+    try:
+        headers = [*_SSE_HEADERS, (b"x-request-id", call.request_id.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        state.response_started = True
+        state.status = 200
+        async for chunk in relay.events():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        watcher.done = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        svc.metrics.requests.labels(model_label, endpoint, str(status)).inc()
-        if status != 200:  # a success's full duration is observed when its usage is accounted
-            svc.metrics.latency.labels(model_label, endpoint).observe(time.perf_counter() - started)
+        relay.finish()
 
 
-@router.post(CHAT)
-async def chat_completions(request: Request, svc: ServicesDep) -> Response:
-    return await _proxy(request, svc, CHAT)
+async def _send_whole(
+    send: Send,
+    status: int,
+    body: bytes,
+    request_id: str | None = None,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode()))
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-@router.post(COMPLETIONS)
-async def completions(request: Request, svc: ServicesDep) -> Response:
-    return await _proxy(request, svc, COMPLETIONS)
-
-
-@router.post(EMBEDDINGS)
-async def embeddings(request: Request, svc: ServicesDep) -> Response:
-    return await _proxy(request, svc, EMBEDDINGS)
+async def _send_error(send: Send, exc: APIError) -> None:
+    extra = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+    await _send_whole(send, exc.status, orjson.dumps(exc.body()), extra=extra)
 
 
 def _model_card(spec: ModelSpec) -> dict[str, Any]:

@@ -14,12 +14,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 import orjson
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from app.errors import APIError, bad_gateway, gateway_timeout, unavailable
 from app.metrics import GatewayMetrics
@@ -39,10 +37,6 @@ _CONNECT_ERRORS = (
 )
 _RELAYED_CLIENT_ERRORS = {400, 413, 422}
 _T = TypeVar("_T")
-
-
-class ClientGone(Exception):
-    """The client disconnected before the answer was ready."""
 
 
 class _UpstreamFailure(Exception):
@@ -137,20 +131,18 @@ class Proxy:
 
     # -- whole responses ----------------------------------------------------------------------
 
-    async def complete(self, call: Call, pool: ModelPool, receive: Receive) -> Response:
-        """Non-streamed call; a client that disconnects cancels the upstream request."""
-        task = asyncio.ensure_future(self._with_failover(call, pool, partial(self._post, call)))
-        gone = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not task.done():
-            task.cancel()
-            self.metrics.client_aborts.labels(call.spec.name).inc()
-            self.account(call, Usage(call.prompt_estimate, 0, "estimated"))
-            raise ClientGone()
-        return self._whole_response(call, task.result())
+    async def complete(self, call: Call, pool: ModelPool) -> bytes:
+        """Non-streamed call: the engine's answer, accounted and renamed for the client.
+
+        Cancelling it (the client left) closes the upstream connection, which stops the engine;
+        ``abandon`` then accounts what is known."""
+        body = await self._with_failover(call, pool, partial(self._post, call))
+        return self._whole_response(call, body)
+
+    def abandon(self, call: Call) -> None:
+        """The client left before a non-streamed answer: only the prompt is known."""
+        self.metrics.client_aborts.labels(call.spec.name).inc()
+        self.account(call, Usage(call.prompt_estimate, 0, "estimated"))
 
     async def _post(self, call: Call, replica: Replica) -> bytes:
         try:
@@ -171,7 +163,7 @@ class Proxy:
         _check_status(status, body)
         return body
 
-    def _whole_response(self, call: Call, body: bytes) -> Response:
+    def _whole_response(self, call: Call, body: bytes) -> bytes:
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -186,19 +178,13 @@ class Proxy:
         if call.spec.upstream_name != call.spec.name and isinstance(obj, dict):
             obj["model"] = call.spec.name
             body = orjson.dumps(obj)
-        return Response(
-            body, media_type="application/json", headers={"x-request-id": call.request_id}
-        )
+        return body
 
     # -- streams -------------------------------------------------------------------------------
 
-    async def stream(self, call: Call, pool: ModelPool) -> Response:
-        relay = await self._with_failover(call, pool, partial(self._open_stream, call))
-        return RelayResponse(
-            relay,
-            media_type="text/event-stream",
-            headers={"x-request-id": call.request_id, "cache-control": "no-cache"},
-        )
+    async def stream(self, call: Call, pool: ModelPool) -> StreamRelay:
+        """A primed stream: its first event is read, so earlier failures could fail over."""
+        return await self._with_failover(call, pool, partial(self._open_stream, call))
 
     async def _open_stream(self, call: Call, replica: Replica) -> StreamRelay:
         """Connect and read the first event, so that failures before it can fail over."""
@@ -279,7 +265,7 @@ class StreamRelay:
         data = b"".join(out)
         return self._rename(data) if self._rename is not None else data
 
-    async def body(self) -> AsyncIterator[bytes]:
+    async def events(self) -> AsyncIterator[bytes]:
         metrics = self._proxy.metrics
         model = self._call.spec.name
         total = self._proxy._settings.total_timeout_s
@@ -345,24 +331,3 @@ class StreamRelay:
             # Cut off before the engine reported usage: one event per generated token.
             usage = Usage(call.prompt_estimate, self._chunks, "estimated")
         self._proxy.account(call, usage)
-
-
-class RelayResponse(StreamingResponse):
-    """A StreamingResponse that always finishes its relay, even if it never started."""
-
-    def __init__(self, relay: StreamRelay, **kwargs: Any) -> None:
-        super().__init__(relay.body(), **kwargs)
-        self._relay = relay
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._relay.finish()
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
