@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from infra.network import Network, NetworkArgs
 from infra.serving import Serving, ServingArgs, render_gateway_catalog
 from infra.storage import EFS_CSI_POLICY, ModelStorage, ModelStorageArgs
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODELS_NAMESPACE = "switchyard-models"
 GATEWAY_NAMESPACE = "switchyard"
 
@@ -58,7 +60,8 @@ images = Images(
     ImagesArgs(
         repository_prefix=prefix,
         tag=settings.images.tag,
-        context_root=settings.images.context_root,
+        # Relative to wherever the CLI runs us, so state does not embed this machine's paths.
+        context_root=os.path.relpath(PROJECT_ROOT / settings.images.context_root),
         force_delete=not production,
         tags=tags,
     ),

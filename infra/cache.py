@@ -38,7 +38,7 @@ class Cache(pulumi.ComponentResource):
         s = args.settings
         # ElastiCache tokens: 16-128 printable chars without '@', '"' or '/': alphanumerics only.
         token = random.RandomPassword(f"{name}-auth-token", length=64, special=False, opts=child)
-        auth_token = pulumi.Output.secret(token.result)
+        auth_token: pulumi.Output[str] = pulumi.Output.secret(token.result)
         subnets = aws.elasticache.SubnetGroup(
             f"{name}-subnets",
             description="Switchyard Redis: private subnets",

@@ -158,7 +158,11 @@ class Cluster(pulumi.ComponentResource):
         self.oidc_issuer = issuer
 
     def irsa_role(
-        self, name: str, namespace: str, service_account: str, policy_arns: list[str]
+        self,
+        name: str,
+        namespace: str,
+        service_account: str,
+        policy_arns: list[pulumi.Input[str]],
     ) -> aws.iam.Role:
         """A role only `system:serviceaccount:<namespace>:<service_account>` can assume."""
         trust = pulumi.Output.all(self.oidc_provider_arn, self.oidc_issuer).apply(

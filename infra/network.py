@@ -52,7 +52,7 @@ class Network(pulumi.ComponentResource):
         )
         azs = aws.get_availability_zones_output(state="available")
         self.azs = [azs.names[i] for i in range(args.az_count)]
-        blocks = list(ipaddress.ip_network(args.cidr).subnets(new_prefix=20))
+        blocks = list(ipaddress.IPv4Network(args.cidr).subnets(new_prefix=20))
         public = self._create_public_subnets(blocks[: args.az_count])
         self.public_subnet_ids = [s.id for s in public]
         nats = self._create_nat_gateways(public)
@@ -66,9 +66,7 @@ class Network(pulumi.ComponentResource):
             }
         )
 
-    def _create_public_subnets(
-        self, blocks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
-    ) -> list[aws.ec2.Subnet]:
+    def _create_public_subnets(self, blocks: list[ipaddress.IPv4Network]) -> list[aws.ec2.Subnet]:
         child = pulumi.ResourceOptions(parent=self)
         table = aws.ec2.RouteTable(
             f"{self._name}-public-rt",
@@ -123,7 +121,7 @@ class Network(pulumi.ComponentResource):
 
     def _create_private_subnets(
         self,
-        blocks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+        blocks: list[ipaddress.IPv4Network],
         nats: list[aws.ec2.NatGateway],
     ) -> list[pulumi.Output[str]]:
         child = pulumi.ResourceOptions(parent=self)

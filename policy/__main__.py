@@ -12,6 +12,7 @@ if __package__ in (None, ""):
 
 from pulumi_policy import (
     EnforcementLevel,
+    Policy,
     PolicyPack,
     ReportViolation,
     ResourceValidationArgs,
@@ -55,10 +56,8 @@ def _stack_policy(rule: StackRule) -> StackValidationPolicy:
     )
 
 
-def policies() -> list[ResourceValidationPolicy | StackValidationPolicy]:
-    out: list[ResourceValidationPolicy | StackValidationPolicy] = [
-        _resource_policy(r) for r in RESOURCE_RULES
-    ]
+def policies() -> list[Policy]:
+    out: list[Policy] = [_resource_policy(r) for r in RESOURCE_RULES]
     out += [_stack_policy(r) for r in STACK_RULES]
     return out
 

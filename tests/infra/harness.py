@@ -33,7 +33,8 @@ SECRET_CONFIG = {
     "switchyard:adminToken": "SENTINEL-admin-token-8d2e77",
 }
 RANDOM_PASSWORD = "SENTINELrandompassword0123456789abcdef0123456789abcdef0123456789"
-SENTINELS = (*SECRET_CONFIG.values(), RANDOM_PASSWORD)
+ECR_PASSWORD = "SENTINEL-ecr-registry-token-5a0c"
+SENTINELS = (*SECRET_CONFIG.values(), RANDOM_PASSWORD, ECR_PASSWORD)
 
 
 def stack_name(path: Path) -> str:
@@ -115,7 +116,7 @@ class _Mocks(pulumi_mocks.Mocks):
             names = ["us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d"]
             return {"names": names, "zoneIds": names, "id": "us-east-1"}, []
         if args.token == "aws:ecr/getAuthorizationToken:getAuthorizationToken":
-            return {"userName": "AWS", "password": "ecr-token", "proxyEndpoint": "ecr"}, []
+            return {"userName": "AWS", "password": ECR_PASSWORD, "proxyEndpoint": "ecr"}, []
         raise AssertionError(f"unexpected invoke {args.token}: mock it in tests/infra/harness.py")
 
 
@@ -127,7 +128,7 @@ class _Monitor(pulumi_mocks.MockMonitor):
         self.registered: list[Registered] = []
 
     def RegisterResource(self, request: Any) -> Any:
-        response = super().RegisterResource(request)
+        response = super().RegisterResource(request)  # type: ignore[no-untyped-call]
         if request.type != "pulumi:pulumi:Stack":
             inputs = rpc.deserialize_properties(request.object)
             self.registered.append(
@@ -183,13 +184,13 @@ def run_program(
     async def collect() -> None:
         stack_res = pulumi.runtime.settings.get_root_resource()
         assert stack_res is not None
-        for key, value in stack_res.outputs.items():
+        for key, value in getattr(stack_res, "outputs", {}).items():
             out = pulumi.Output.from_input(value)
             outputs[key] = await out.future()
             if await out.is_secret():
                 secret_outputs.add(key)
 
-    @pulumi.runtime.test
+    @pulumi.runtime.test  # type: ignore[untyped-decorator]
     def program() -> pulumi.Output[None]:
         runpy.run_path(str(PROGRAM), run_name="__main__")
         return pulumi.Output.from_input(None)

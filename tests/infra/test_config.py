@@ -96,7 +96,7 @@ def test_bad_values_fail_early_listing_what_is_allowed(
 
 def _staging_models(**change: Any) -> list[dict[str, Any]]:
     path = next(p for p in STACK_FILES if stack_name(p) == "staging")
-    models = json.loads(stack_config(path)["switchyard:models"])
+    models: list[dict[str, Any]] = json.loads(stack_config(path)["switchyard:models"])
     models[0] = {**models[0], **change}
     return models
 

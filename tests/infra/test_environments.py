@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from policy.rules import NAMED_TYPES, reveal
 from tests.infra.harness import StackRun
 
 
-def _props(run: StackRun, typ: str) -> list[dict]:
+def _props(run: StackRun, typ: str) -> list[dict[str, Any]]:
     return [reveal(r.props) for r in run.of_type(typ)]
 
 
@@ -81,7 +83,7 @@ def test_redis_is_multi_az_with_failover_only_in_prod(staging: StackRun, prod: S
 
 
 def test_prod_gateway_survives_a_node_loss(staging: StackRun, prod: StackRun) -> None:
-    def gateway(run: StackRun) -> tuple[int, dict]:
+    def gateway(run: StackRun) -> tuple[int, dict[str, Any]]:
         (dep,) = [
             d
             for d in _props(run, "kubernetes:apps/v1:Deployment")

@@ -60,9 +60,9 @@ def test_pack_reports_violations_and_stays_quiet_on_compliant_resources(staging:
         reports.append(message)
 
     good = reveal(efs.props)
-    policy.validate(_args(efs.type, efs.name, good), report)  # type: ignore[misc,operator]
+    policy.validate(_args(efs.type, efs.name, good), report)
     assert reports == []
     broken = copy.deepcopy(good)
     broken["encrypted"] = False
-    policy.validate(_args(efs.type, efs.name, broken), report)  # type: ignore[misc,operator]
+    policy.validate(_args(efs.type, efs.name, broken), report)
     assert any("encrypted" in r for r in reports)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -10,7 +11,7 @@ import yaml
 from app.catalog import parse_catalog
 from infra.serving import predictor_url
 from policy.rules import GPU_TAINT_KEY, GPU_TYPE_LABEL, ISVC, Secret, reveal, violations
-from tests.infra.harness import SENTINELS, STACK_FILES, StackRun, stack_config
+from tests.infra.harness import ECR_PASSWORD, ROOT, SENTINELS, STACK_FILES, StackRun, stack_config
 
 MODELS_NS = "switchyard-models"
 
@@ -180,6 +181,16 @@ def test_workloads_are_pinned_to_built_image_digests(run: StackRun) -> None:
     for dep in run.of_type("kubernetes:apps/v1:Deployment"):
         image = reveal(dep.props)["spec"]["template"]["spec"]["containers"][0]["image"]
         assert "@sha256:" in image
+
+
+def test_images_build_from_the_repository_image_contexts(run: StackRun) -> None:
+    images = [reveal(r.props) for r in run.of_type("docker-build:index:Image")]
+    contexts = {Path(i["context"]["location"]).resolve() for i in images}
+    assert contexts == {ROOT / "images" / "gateway", ROOT / "images" / "vllm"}
+    for image in images:
+        assert image["push"] is True and image["platforms"] == ["linux/amd64"]
+        # The registry password is an ECR token: the leak test below checks it stays secret.
+        assert image["registries"][0]["password"] == ECR_PASSWORD
 
 
 def test_outputs_expose_what_operators_need(run: StackRun) -> None:

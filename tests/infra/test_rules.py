@@ -27,11 +27,13 @@ Breaker = tuple[str, Callable[[dict[str, Any]], None]]
 
 
 def _pod(p: dict[str, Any]) -> dict[str, Any]:
-    return p["spec"]["template"]["spec"]
+    pod: dict[str, Any] = p["spec"]["template"]["spec"]
+    return pod
 
 
 def _container(p: dict[str, Any]) -> dict[str, Any]:
-    return _pod(p)["containers"][0]
+    container: dict[str, Any] = _pod(p)["containers"][0]
+    return container
 
 
 def _open_ssh(p: dict[str, Any]) -> None:
