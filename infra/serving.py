@@ -40,6 +40,7 @@ KNATIVE_FEATURES = {
     "kubernetes.podspec-tolerations": "enabled",
     "kubernetes.podspec-persistent-volume-claim": "enabled",
     "kubernetes.podspec-securitycontext": "enabled",
+    "kubernetes.podspec-volumes-emptydir": "enabled",
 }
 
 

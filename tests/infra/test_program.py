@@ -94,6 +94,15 @@ def test_serving_mode_decides_autoscaler(run: StackRun) -> None:
             assert "vllm:num_requests_waiting" in query["query"]
 
 
+def test_knative_accepts_what_gpu_predictors_use(run: StackRun) -> None:
+    (knative,) = run.of_type("kubernetes:operator.knative.dev/v1beta1:KnativeServing")
+    spec = reveal(knative.props)["spec"]
+    features = spec["config"]["features"]
+    for flag in ("nodeselector", "tolerations", "persistent-volume-claim", "securitycontext"):
+        assert features[f"kubernetes.podspec-{flag}"] == "enabled"
+    assert spec["config"]["deployment"]["progress-deadline"] == "3600s"
+
+
 def test_inference_services_wait_for_their_weights(run: StackRun) -> None:
     by_urn = run.by_urn()
     for reg in run.registered:
