@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from app.auth.keys import Limits
 from app.settings import Settings, SettingsError, load_settings
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -114,8 +115,19 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     expires_at = time.time() + args.expires_in if args.expires_in else None
 
+    model_limits = None
+    if args.model_limits:
+        try:
+            model_limits = {
+                m: Limits.model_validate(v) for m, v in json.loads(args.model_limits).items()
+            }
+        except (ValueError, AttributeError) as exc:
+            raise SystemExit(f"switchyard: --model-limits: {exc}") from None
+
     async def go(store: Any) -> Any:
         return await store.create(
+            model_limits=model_limits,
+            max_concurrent=args.max_concurrent,
             customer=args.customer,
             models=models,
             rpm=args.rpm,
@@ -124,7 +136,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             name=args.name,
         )
 
-    record, plaintext = asyncio.run(_with_store(go))
+    try:
+        record, plaintext = asyncio.run(_with_store(go))
+    except ValueError as exc:
+        raise SystemExit(f"switchyard: {exc}") from None
     out = {**record.public(), "key": plaintext}
     if args.json:
         print(json.dumps(out))
@@ -166,6 +181,20 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         print(f"switchyard: no key with id {args.id!r}", file=sys.stderr)
         return 1
     print(json.dumps(record.public()) if args.json else f"revoked {record.id}")
+    return 0
+
+
+def cmd_customers_set_limits(args: argparse.Namespace) -> int:
+    limits = Limits(rpm=args.rpm, tpm=args.tpm)
+
+    async def go(store: Any) -> None:
+        await store.set_customer_limits(args.customer, limits)
+
+    try:
+        asyncio.run(_with_store(go))
+    except ValueError as exc:
+        raise SystemExit(f"switchyard: {exc}") from None
+    print(json.dumps({"customer": args.customer, **limits.model_dump()}))
     return 0
 
 
@@ -232,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--tpm", type=_positive, default=None, help="tokens per minute")
     kc.add_argument("--expires-in", type=_duration, default=None, help="e.g. 30d, 12h")
     kc.add_argument("--name", default="", help="a label for humans")
+    kc.add_argument(
+        "--max-concurrent", type=_positive, default=None, help="cap on concurrent requests"
+    )
+    kc.add_argument(
+        "--model-limits",
+        default=None,
+        help='per-model budgets as JSON, e.g. \'{"chat-large": {"tpm": 10000}}\'',
+    )
     kc.add_argument("--json", action="store_true", help="print one JSON object")
     kc.set_defaults(fn=cmd_keys_create)
     kl = ksub.add_parser("list", help="list keys (never their secrets)")
@@ -241,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("id")
     kr.add_argument("--json", action="store_true")
     kr.set_defaults(fn=cmd_keys_revoke)
+
+    cust = sub.add_parser("customers", help="limits shared by all keys of a customer")
+    csub = cust.add_subparsers(dest="customers_command", required=True, metavar="ACTION")
+    cl = csub.add_parser("set-limits", help="set (or with no limit options, clear) the limits")
+    cl.add_argument("customer")
+    cl.add_argument("--rpm", type=_positive, default=None)
+    cl.add_argument("--tpm", type=_positive, default=None)
+    cl.set_defaults(fn=cmd_customers_set_limits)
 
     from app.bench.client import add_arguments
 

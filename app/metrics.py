@@ -85,6 +85,24 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.limiter_decisions = Counter(
+            "switchyard_ratelimit_decisions",
+            "Rate-limit decisions, by mode (redis|local|off|closed) and result.",
+            ["mode", "result"],
+            registry=r,
+        )
+        self.limiter_circuit_open = Gauge(
+            "switchyard_ratelimit_redis_circuit_open",
+            "1 while the limiter skips an unreachable Redis (fail-open or fail-closed applies).",
+            registry=r,
+        )
+        self.estimate_ratio = Histogram(
+            "switchyard_completion_estimate_ratio",
+            "Real completion tokens / tokens reserved for the completion up front.",
+            ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4, 10),
+            registry=r,
+        )
         self.replica_healthy = Gauge(
             "switchyard_replica_healthy",
             "1 if the replica passed its last health check.",

@@ -26,6 +26,8 @@ from app.api import admin, health, openai
 from app.auth.authenticator import Authenticator
 from app.auth.keys import KeyStore
 from app.errors import APIError, internal_error
+from app.limits.limiter import Limiter
+from app.limits.peers import PeerCount
 from app.metrics import GatewayMetrics
 from app.proxy.relay import Proxy
 from app.routing.pool import Router
@@ -61,8 +63,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     router = Router(settings.catalog, metrics, settings.health_interval_s)
     tasks = TaskSet()
-    accounting = Accounting(metrics)
     keys = KeyStore(redis)
+    peers = PeerCount(redis, minimum=settings.gateway_replicas)
+    limiter = Limiter(
+        redis,
+        keys,
+        metrics,
+        peers,
+        settings.ratelimit_failure_mode,
+        settings.limiter_timeout_s,
+        settings.key_cache_ttl_s,
+    )
+    accounting = Accounting(metrics, redis, limiter)
     app.state.services = Services(
         settings=settings,
         redis=redis,
@@ -74,11 +86,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         proxy=Proxy(session, settings, metrics, accounting, tasks),
         accounting=accounting,
         tasks=tasks,
+        limiter=limiter,
+        peers=peers,
     )
     await router.start(session)
+    await peers.start()
     try:
         yield
     finally:
+        await peers.stop()
         await router.stop()
         await tasks.drain()
         await session.close()

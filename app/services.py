@@ -10,6 +10,8 @@ from starlette.requests import Request
 
 from app.auth.authenticator import Authenticator
 from app.auth.keys import KeyStore
+from app.limits.limiter import Limiter
+from app.limits.peers import PeerCount
 from app.metrics import GatewayMetrics
 from app.proxy.relay import Proxy
 from app.routing.pool import Router
@@ -29,6 +31,8 @@ class Services:
     proxy: Proxy
     accounting: Accounting
     tasks: TaskSet
+    limiter: Limiter
+    peers: PeerCount
 
 
 async def get_services(request: Request) -> Services:

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     total_timeout_s: float = Field(600.0, gt=0)
     upstream_retries: int = Field(2, ge=0, le=10)
     health_interval_s: float = Field(2.0, gt=0)
+
+    # Rate limiting.
+    ratelimit_failure_mode: Literal["fail_open", "fail_closed"] = Field(
+        "fail_open", description="What happens while Redis is unreachable"
+    )
+    limiter_timeout_s: float = Field(0.25, gt=0, le=5)
+    gateway_replicas: int = Field(
+        1, ge=1, description="Floor of the replica count used for fail-open fair shares"
+    )
     upstream_max_connections: int = Field(1024, ge=1)
 
     @field_validator("catalog", mode="before")

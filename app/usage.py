@@ -13,8 +13,12 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
+
 from app.auth.keys import KeyRecord
 from app.catalog import ModelSpec
+from app.limits.limiter import Admission, Limiter
 from app.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,8 @@ class Call:
     client_wants_usage: bool
     prompt_estimate: int
     started: float
+    admission: Admission | None = None
+    accounted: bool = False
 
 
 class TaskSet:
@@ -68,10 +74,13 @@ class TaskSet:
 
 
 class Accounting:
-    """Turns a finished call's usage into metrics (and, later, limits and billing)."""
+    """Where a finished call's usage goes: metrics, and one pipelined Redis write that
+    settles the rate-limit reservation (and carries the usage record)."""
 
-    def __init__(self, metrics: GatewayMetrics) -> None:
+    def __init__(self, metrics: GatewayMetrics, redis: Redis, limiter: Limiter) -> None:
         self._metrics = metrics
+        self._redis = redis
+        self._limiter = limiter
 
     async def finish(self, call: Call, usage: Usage) -> None:
         model = call.spec.name
@@ -80,3 +89,29 @@ class Accounting:
         )
         self._metrics.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
         self._metrics.tokens.labels(model, "completion").inc(usage.completion_tokens)
+        admission = call.admission
+        if admission is None or admission.settled:
+            return
+        if usage.source == "upstream":
+            self._limiter.observe_estimate(admission, usage.completion_tokens)
+        if admission.mode != "redis" or self._limiter.breaker.open:
+            self._limiter.settle_local(admission, usage.prompt_tokens, usage.completion_tokens)
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        self._limiter.settle_into(pipe, admission, usage.prompt_tokens, usage.completion_tokens)
+        if not len(pipe):
+            return
+        try:
+            results = await pipe.execute(raise_on_error=False)
+            if any(isinstance(r, NoScriptError) for r in results):
+                await self._limiter.settle_again(
+                    admission, usage.prompt_tokens, usage.completion_tokens
+                )
+            elif failed := [r for r in results if isinstance(r, Exception)]:
+                raise failed[0]
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "accounting: settling %s failed (%s); its reservation expires by itself",
+                call.request_id,
+                type(exc).__name__,
+            )

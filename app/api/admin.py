@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.auth.keys import valid_id
+from app.auth.keys import CUSTOMER_RE, Limits, valid_id
 from app.errors import forbidden, not_found, unauthorized
 from app.services import Services, get_services
 
@@ -50,6 +50,10 @@ class KeyCreate(BaseModel):
     rpm: int | None = Field(None, ge=1, description="Requests per minute; null = no limit")
     tpm: int | None = Field(None, ge=1, description="Tokens per minute; null = no limit")
     expires_in_s: int | None = Field(None, ge=1, description="Lifetime in seconds")
+    model_limits: dict[str, Limits] | None = Field(
+        None, description="Extra per-model budgets, e.g. {'chat-large': {'tpm': 10000}}"
+    )
+    max_concurrent: int | None = Field(None, ge=1, description="Concurrent requests cap")
 
 
 @router.post("/keys", status_code=201)
@@ -62,6 +66,8 @@ async def create_key(body: KeyCreate, svc: ServicesDep) -> JSONResponse:
         tpm=body.tpm,
         expires_at=expires_at,
         name=body.name,
+        model_limits=body.model_limits,
+        max_concurrent=body.max_concurrent,
     )
     return JSONResponse({**record.public(), "key": plaintext}, status_code=201)
 
@@ -117,3 +123,23 @@ async def pool(svc: ServicesDep) -> dict[str, Any]:
             for name, p in svc.router.pools.items()
         ]
     }
+
+
+def _check_customer(customer: str) -> None:
+    if not CUSTOMER_RE.match(customer):
+        raise not_found(f"No customer '{customer[:40]}'.", "customer_not_found", "customer")
+
+
+@router.get("/customers/{customer}/limits")
+async def get_customer_limits(customer: str, svc: ServicesDep) -> dict[str, Any]:
+    _check_customer(customer)
+    limits = await svc.keys.get_customer_limits(customer)
+    return {"customer": customer, **(limits or Limits()).model_dump()}
+
+
+@router.put("/customers/{customer}/limits")
+async def set_customer_limits(customer: str, body: Limits, svc: ServicesDep) -> dict[str, Any]:
+    """Budgets shared by all of the customer's keys (null removes a dimension)."""
+    _check_customer(customer)
+    await svc.keys.set_customer_limits(customer, body)
+    return {"customer": customer, **body.model_dump()}

@@ -30,10 +30,11 @@ from app.errors import (
     too_large,
     unprocessable,
 )
+from app.limits.limiter import Demand
 from app.proxy.relay import StreamRelay
 from app.services import Services, get_services
 from app.tokens import estimate_prompt_tokens
-from app.usage import Call
+from app.usage import Call, Usage
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
@@ -53,6 +54,7 @@ _KINDS: dict[str, tuple[ModelKind, ...]] = {
     EMBEDDINGS: (ModelKind.embedding,),
 }
 
+COMPLETIONS_DEFAULT = 16  # max_tokens of /v1/completions when absent (OpenAI, vLLM)
 _ARTICLE = {ModelKind.chat: "a", ModelKind.completion: "a", ModelKind.embedding: "an"}
 
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -117,6 +119,26 @@ def resolve_model(svc: Services, key: KeyRecord, name: str, endpoint: str) -> Mo
     return spec
 
 
+def demand(parsed: BaseModel, spec: ModelSpec, prompt_tokens: int) -> Demand:
+    """What the request may consume, for the limiter's up-front reservation."""
+    if isinstance(parsed, EmbeddingRequest):
+        max_tokens: int | None = 0
+        n = 1
+    elif isinstance(parsed, ChatCompletionRequest):
+        max_tokens, n = parsed.completion_cap(), parsed.n or 1
+    else:
+        assert isinstance(parsed, CompletionRequest)
+        max_tokens = parsed.max_tokens if parsed.max_tokens is not None else COMPLETIONS_DEFAULT
+        n = parsed.n or 1
+    return Demand(
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        n=n,
+        default_completion=spec.default_max_tokens,
+        completion_cap=max(0, spec.max_model_len - prompt_tokens),
+    )
+
+
 def upstream_body(payload: dict[str, Any], spec: ModelSpec, stream: bool) -> bytes:
     """The body sent to the engine: its own model name, and usage always requested."""
     payload["model"] = spec.upstream_name
@@ -150,7 +172,7 @@ class ProxyEndpoints:
         except APIError as exc:
             state.status = exc.status
             if not state.response_started:
-                await _send_error(send, exc)
+                await _send_error(send, exc, state.headers)
         except ClientDisconnected:
             state.status = 499
         except Exception as exc:  # never a traceback to the client
@@ -175,16 +197,23 @@ class ProxyEndpoints:
         state.model = spec.name
         stream = bool(getattr(parsed, "stream", False))
         options = getattr(parsed, "stream_options", None)
+        request_id = f"req_{uuid.uuid4().hex}"
+        prompt_estimate = estimate_prompt_tokens(payload)
+        admission = await svc.limiter.admit(
+            key, spec, demand(parsed, spec, prompt_estimate), request_id
+        )
+        state.headers = admission.headers
         call = Call(
-            request_id=f"req_{uuid.uuid4().hex}",
+            request_id=request_id,
             key=key,
             spec=spec,
             endpoint=endpoint,
             body=upstream_body(payload, spec, stream),
             stream=stream,
             client_wants_usage=bool(options and options.include_usage),
-            prompt_estimate=estimate_prompt_tokens(payload),
+            prompt_estimate=prompt_estimate,
             started=state.started,
+            admission=admission,
         )
         pool = svc.router.pool(spec.name)
         assert pool is not None  # every catalogue model has a pool
@@ -199,7 +228,7 @@ class ProxyEndpoints:
                 body = await svc.proxy.complete(call, pool)
                 state.status = 200
                 watcher.done = True
-                await _send_whole(send, 200, body, call.request_id)
+                await _send_whole(send, 200, body, call.request_id, state.headers)
         except asyncio.CancelledError:
             if not watcher.gone:
                 raise
@@ -209,12 +238,14 @@ class ProxyEndpoints:
         finally:
             watcher.stop()
             inflight.dec()
+            if not call.accounted:  # failed before any answer: give the reservation back
+                svc.proxy.account(call, Usage(0, 0, "estimated"))
 
 
 class _Exchange:
     """What one request's metrics need, filled in as it goes."""
 
-    __slots__ = ("endpoint", "model", "response_started", "started", "status", "svc")
+    __slots__ = ("endpoint", "headers", "model", "response_started", "started", "status", "svc")
 
     def __init__(self, svc: Services, endpoint: str, started: float) -> None:
         self.svc = svc
@@ -223,6 +254,7 @@ class _Exchange:
         self.model = "unknown"
         self.status = 500
         self.response_started = False
+        self.headers: list[tuple[bytes, bytes]] = []
 
     def record(self) -> None:
         metrics = self.svc.metrics
@@ -260,7 +292,7 @@ async def _send_stream(
     state: _Exchange, call: Call, relay: StreamRelay, send: Send, watcher: _DisconnectWatcher
 ) -> None:
     try:
-        headers = [*_SSE_HEADERS, (b"x-request-id", call.request_id.encode())]
+        headers = [*_SSE_HEADERS, (b"x-request-id", call.request_id.encode()), *state.headers]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         state.response_started = True
         state.status = 200
@@ -288,8 +320,13 @@ async def _send_whole(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _send_error(send: Send, exc: APIError) -> None:
+async def _send_error(
+    send: Send, exc: APIError, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     extra = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+    if headers:  # rate-limit headers of an admitted request (a 429 brings its own)
+        names = {k for k, _ in extra}
+        extra += [(k, v) for k, v in headers if k not in names]
     await _send_whole(send, exc.status, orjson.dumps(exc.body()), extra=extra)
 
 

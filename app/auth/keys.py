@@ -30,6 +30,22 @@ def record_key(key_id: str) -> str:
     return f"sy:key:{{{key_id}}}"
 
 
+class Limits(BaseModel):
+    """Requests and tokens per minute; None = no limit on that dimension."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+
+
+CUSTOMER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,255}$")
+
+
+def customer_key(customer: str) -> str:
+    return f"sy:customer:{{{customer}}}"
+
+
 class KeyRecord(BaseModel):
     """What the gateway knows about a key. ``models=None`` means every model."""
 
@@ -42,6 +58,8 @@ class KeyRecord(BaseModel):
     models: tuple[str, ...] | None = None
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
+    model_limits: dict[str, Limits] | None = None
+    max_concurrent: int | None = Field(None, ge=1)
     expires_at: float | None = None
     created_at: float
     revoked_at: float | None = None
@@ -55,7 +73,7 @@ class KeyRecord(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """The record without its hash, for listings and the admin API."""
-        data = self.model_dump(exclude={"hash"})
+        data = self.model_dump(exclude={"hash"}, exclude_none=False)
         data["models"] = list(self.models) if self.models is not None else None
         data["status"] = (
             "revoked" if self.revoked_at else ("expired" if not self.active() else "active")
@@ -105,8 +123,12 @@ class KeyStore:
         tpm: int | None = None,
         expires_at: float | None = None,
         name: str = "",
+        model_limits: dict[str, Limits] | None = None,
+        max_concurrent: int | None = None,
     ) -> tuple[KeyRecord, str]:
         """Store a new key and return (record, plaintext). The plaintext is not kept."""
+        if not CUSTOMER_RE.match(customer):
+            raise ValueError("customer must be 1-255 of letters, digits and _ . : -")
         while True:
             key_id, plaintext = new_key()
             record = KeyRecord(
@@ -117,6 +139,8 @@ class KeyStore:
                 models=tuple(models) if models is not None else None,
                 rpm=rpm,
                 tpm=tpm,
+                model_limits=model_limits,
+                max_concurrent=max_concurrent,
                 expires_at=expires_at,
                 created_at=time.time(),
             )
@@ -148,3 +172,16 @@ class KeyStore:
             record = record.model_copy(update={"revoked_at": time.time()})
             await self._redis.set(record_key(key_id), record.model_dump_json())
         return record
+
+    async def get_customer_limits(self, customer: str) -> Limits | None:
+        raw = await self._redis.get(customer_key(customer))
+        return Limits.model_validate(orjson.loads(raw)) if raw else None
+
+    async def set_customer_limits(self, customer: str, limits: Limits | None) -> None:
+        """Limits shared by all of a customer's keys; None removes them."""
+        if not CUSTOMER_RE.match(customer):
+            raise ValueError("customer must be 1-255 of letters, digits and _ . : -")
+        if limits is None or (limits.rpm is None and limits.tpm is None):
+            await self._redis.delete(customer_key(customer))
+        else:
+            await self._redis.set(customer_key(customer), limits.model_dump_json())

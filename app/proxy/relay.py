@@ -94,6 +94,10 @@ class Proxy:
         self._tasks = tasks
 
     def account(self, call: Call, usage: Usage) -> None:
+        """Account a call exactly once, in its own task (a cancelled request cannot stop it)."""
+        if call.accounted:
+            return
+        call.accounted = True
         self._tasks.spawn(self._accounting.finish(call, usage))
 
     async def _with_failover(

@@ -1,0 +1,349 @@
+"""Request- and token-based rate limiting shared by every gateway replica through Redis.
+
+Hot path: one Lua call (admit.lua) decides every budget of a request and reserves its token
+estimate; one more (settle.lua, pipelined with the usage record) corrects the reservation to
+the real usage. When Redis is unreachable the circuit breaker skips it and the configured
+mode applies: ``fail_open`` limits each process locally to its fair share, ``fail_closed``
+answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Literal
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from app.auth.keys import KeyRecord, KeyStore, Limits
+from app.catalog import ModelSpec
+from app.errors import APIError, unavailable
+from app.limits.breaker import CircuitBreaker
+from app.limits.budgets import Budget, budgets_for, learned_key, lease_key
+from app.limits.gcra import LocalLimiter, Verdict
+from app.limits.headers import duration, ratelimit_headers
+from app.limits.peers import PeerCount
+from app.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["redis", "local", "off"]
+LEARN_WEIGHT = 0.2  # EWMA weight of each new sample: about the last ten requests matter
+LEARN_TTL_S = 7 * 86400
+LEASE_MS = 15 * 60 * 1000  # a concurrency slot of a crashed gateway frees itself after this
+
+
+def _lua(name: str) -> str:
+    return resources.files("app.limits").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What a request asks for, as the limiter needs it."""
+
+    prompt_tokens: int
+    max_tokens: int | None  # per choice; None = not given
+    n: int
+    default_completion: int
+    completion_cap: int  # per choice: the context left after the prompt
+
+
+@dataclass
+class Admission:
+    """A request let through: what it reserved, so that settle() can correct it."""
+
+    request_id: str
+    key: KeyRecord
+    model: str
+    budgets: list[Budget]
+    reserved: int
+    expected_completion: int  # per choice, as reserved
+    learn: bool  # no max_tokens given: the real length teaches the estimate
+    mode: Mode
+    n: int = 1
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    settled: bool = False
+
+
+class Limiter:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: KeyStore,
+        metrics: GatewayMetrics,
+        peers: PeerCount,
+        failure_mode: Literal["fail_open", "fail_closed"],
+        timeout_s: float,
+        cache_ttl_s: float,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._metrics = metrics
+        self._peers = peers
+        self._mode = failure_mode
+        self._timeout = timeout_s
+        self._cache_ttl = cache_ttl_s
+        self._admit: AsyncScript = redis.register_script(_lua("admit.lua"))
+        self._settle: AsyncScript = redis.register_script(_lua("settle.lua"))
+        self._local = LocalLimiter()
+        self._customers: dict[str, tuple[float, Limits | None]] = {}
+        self.breaker = CircuitBreaker(
+            "limiter", on_change=lambda is_open: metrics.limiter_circuit_open.set(int(is_open))
+        )
+
+    # -- admission ---------------------------------------------------------------------------
+
+    async def admit(
+        self, key: KeyRecord, spec: ModelSpec, demand: Demand, request_id: str
+    ) -> Admission:
+        """Reserve the request's budgets or raise 429 (or 503 when failing closed)."""
+        customer = await self._customer_limits(key.customer)
+        budgets = budgets_for(key, spec.name, customer)
+        if not budgets and key.max_concurrent is None:
+            self._metrics.limiter_decisions.labels("off", "allowed").inc()
+            fixed = demand.max_tokens if demand.max_tokens is not None else -1
+            per_choice = fixed if fixed >= 0 else demand.default_completion
+            return Admission(request_id, key, spec.name, [], 0, per_choice, False, "off", demand.n)
+        if self.breaker.allow():
+            try:
+                return await self._admit_redis(key, spec, demand, request_id, budgets)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.breaker.failure(type(exc).__name__)
+        if self._mode == "fail_closed":
+            self._metrics.limiter_decisions.labels("closed", "refused").inc()
+            raise unavailable("Rate limiting is unavailable; retry shortly.", 1)
+        return self._admit_local(key, spec, demand, request_id, budgets)
+
+    async def _admit_redis(
+        self,
+        key: KeyRecord,
+        spec: ModelSpec,
+        demand: Demand,
+        request_id: str,
+        budgets: list[Budget],
+    ) -> Admission:
+        argv: list[int | float | str] = [
+            demand.prompt_tokens,
+            demand.max_tokens if demand.max_tokens is not None else -1,
+            demand.default_completion,
+            max(0, demand.completion_cap),
+            demand.n,
+            key.max_concurrent or 0,
+            request_id,
+            LEASE_MS,
+            len(budgets),
+        ]
+        for b in budgets:
+            argv += [b.limit, b.period_ms, int(b.tokens)]
+        keys = [learned_key(key, spec.name), lease_key(key), *(b.key for b in budgets)]
+        async with asyncio.timeout(self._timeout):
+            raw = await self._admit(keys=keys, args=argv)
+        self.breaker.success()
+        allowed, reserved, conc_ok, _learned = (int(x) for x in raw[:4])
+        verdicts = [
+            Verdict(int(raw[4 + 3 * i]), int(raw[5 + 3 * i]), int(raw[6 + 3 * i]))
+            for i in range(len(budgets))
+        ]
+        per_choice = (reserved - demand.prompt_tokens) // max(1, demand.n)
+        admission = Admission(
+            request_id,
+            key,
+            spec.name,
+            budgets,
+            reserved,
+            per_choice,
+            demand.max_tokens is None,
+            "redis",
+            demand.n,
+            _headers(budgets, verdicts),
+        )
+        self._decide(admission, bool(allowed), bool(conc_ok), verdicts, reserved)
+        return admission
+
+    def _admit_local(
+        self,
+        key: KeyRecord,
+        spec: ModelSpec,
+        demand: Demand,
+        request_id: str,
+        budgets: list[Budget],
+    ) -> Admission:
+        per_choice = (
+            demand.max_tokens if demand.max_tokens is not None else demand.default_completion
+        )
+        per_choice = max(0, min(per_choice, demand.completion_cap))
+        reserved = demand.prompt_tokens + demand.n * per_choice
+        share = self._peers.count
+        allowed, verdicts = self._local.admit(budgets, reserved, share)
+        admission = Admission(
+            request_id,
+            key,
+            spec.name,
+            budgets,
+            reserved,
+            per_choice,
+            False,
+            "local",
+            demand.n,
+            _headers(budgets, verdicts, share),
+        )
+        self._decide(admission, allowed, True, verdicts, reserved)
+        return admission
+
+    def _decide(
+        self,
+        admission: Admission,
+        allowed: bool,
+        conc_ok: bool,
+        verdicts: list[Verdict],
+        reserved: int,
+    ) -> None:
+        mode = admission.mode
+        if allowed:
+            self._metrics.limiter_decisions.labels(mode, "allowed").inc()
+            return
+        self._metrics.limiter_decisions.labels(mode, "limited").inc()
+        if not conc_ok:
+            raise APIError(
+                429,
+                f"Too many concurrent requests for this key (limit "
+                f"{admission.key.max_concurrent}); wait for one to finish.",
+                type_="requests",
+                code="rate_limit_exceeded",
+                headers={"retry-after": "1", "retry-after-ms": "1000"},
+            )
+        raise _refusal(admission.budgets, verdicts, reserved, admission.headers)
+
+    # -- settlement -------------------------------------------------------------------------
+
+    def settle_into(
+        self, pipe: Pipeline, admission: Admission, prompt: int, completion: int
+    ) -> None:
+        """Queue the correction of the reservation on ``pipe`` (sent with the usage record)."""
+        admission.settled = True
+        token_budgets = [b for b in admission.budgets if b.tokens]
+        if admission.mode != "redis" or (
+            not token_budgets and admission.key.max_concurrent is None and not admission.learn
+        ):
+            return
+        delta = prompt + completion - admission.reserved
+        per_choice = completion / max(1, admission.n)
+        argv: list[int | float | str] = [
+            delta,
+            admission.request_id,
+            int(admission.learn),
+            per_choice,
+            LEARN_WEIGHT,
+            LEARN_TTL_S,
+        ]
+        for b in token_budgets:
+            argv += [b.limit, b.period_ms]
+        keys = [
+            learned_key(admission.key, admission.model),
+            lease_key(admission.key),
+            *(b.key for b in token_budgets),
+        ]
+        pipe.evalsha(self._settle.sha, len(keys), *keys, *argv)
+
+    async def reload_settle(self) -> None:
+        """Load settle.lua again (Redis restarted and lost its script cache)."""
+        await self._redis.script_load(self._settle.script)
+
+    async def settle_again(self, admission: Admission, prompt: int, completion: int) -> None:
+        """Retry a settlement whose pipelined EVALSHA met NOSCRIPT."""
+        await self.reload_settle()
+        pipe = self._redis.pipeline(transaction=False)
+        self.settle_into(pipe, admission, prompt, completion)
+        await pipe.execute()
+
+    def settle_local(self, admission: Admission, prompt: int, completion: int) -> None:
+        admission.settled = True
+        if admission.mode == "local":
+            self._local.settle(
+                admission.budgets, prompt + completion - admission.reserved, self._peers.count
+            )
+
+    def observe_estimate(self, admission: Admission, completion: int) -> None:
+        expected = admission.expected_completion * admission.n
+        if expected > 0:
+            self._metrics.estimate_ratio.labels(admission.model).observe(completion / expected)
+
+    # -- customers ----------------------------------------------------------------------------
+
+    async def _customer_limits(self, customer: str) -> Limits | None:
+        now = time.monotonic()
+        hit = self._customers.get(customer)
+        if hit is not None and now - hit[0] < self._cache_ttl:
+            return hit[1]
+        if not self.breaker.allow():
+            return hit[1] if hit else None
+        try:
+            async with asyncio.timeout(self._timeout):
+                limits = await self._keys.get_customer_limits(customer)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure(type(exc).__name__)
+            return hit[1] if hit else None
+        if len(self._customers) > 100_000:
+            self._customers.clear()
+        self._customers[customer] = (now, limits)
+        return limits
+
+
+def _headers(
+    budgets: list[Budget], verdicts: list[Verdict], share: int = 1
+) -> list[tuple[bytes, bytes]]:
+    """The most constraining budget of each kind (lowest remaining) speaks for it."""
+    out: list[tuple[bytes, bytes]] = []
+    for tokens, kind in ((False, "requests"), (True, "tokens")):
+        pairs = [(b, v) for b, v in zip(budgets, verdicts, strict=True) if b.tokens is tokens]
+        if not pairs:
+            continue
+        b, v = min(pairs, key=lambda p: p[1].remaining)
+        limit = max(1, math.floor(b.limit / share)) if share > 1 else b.limit
+        out += ratelimit_headers(kind, limit, v.remaining, v.reset_ms)
+    return out
+
+
+def _refusal(
+    budgets: list[Budget],
+    verdicts: list[Verdict],
+    reserved: int,
+    headers: list[tuple[bytes, bytes]],
+) -> APIError:
+    """429 naming the budget that ran out, with the real wait in Retry-After."""
+    refused = [(b, v) for b, v in zip(budgets, verdicts, strict=True) if v.retry_ms != 0]
+    never = [(b, v) for b, v in refused if v.retry_ms < 0]
+    extra = {k.decode(): v.decode() for k, v in headers}
+    if never:
+        b, _ = never[0]
+        return APIError(
+            429,
+            f"Request too large for the {b.scope} token limit: it needs about {reserved} "
+            f"tokens but the limit is {b.limit} tokens per minute. Lower max_tokens or the "
+            "prompt.",
+            type_="tokens",
+            code="rate_limit_exceeded",
+            headers=extra,
+        )
+    b, v = max(refused, key=lambda p: p[1].retry_ms)
+    what = "tokens" if b.tokens else "requests"
+    wait_ms = max(1, v.retry_ms)
+    return APIError(
+        429,
+        f"Rate limit reached for {what} per minute ({b.scope} limit {b.limit}). "
+        f"Retry in {duration(wait_ms)}.",
+        type_=what,
+        code="rate_limit_exceeded",
+        headers={
+            **extra,
+            "retry-after": str(math.ceil(wait_ms / 1000)),
+            "retry-after-ms": str(wait_ms),
+        },
+    )
