@@ -246,7 +246,7 @@ class Serving(pulumi.ComponentResource):
         for model in args.models:
             for obj in render_inference_services(model, args.namespace_name, args.prometheus_url):
                 self.inference_services[obj["name"]] = self._create_isvc(model, obj, runtime)
-        self.register_outputs({"inference_services": [n for n in self.inference_services]})
+        self.register_outputs({"inference_services": list(self.inference_services)})
 
     def _release(
         self, suffix: str, chart: str, version: str, namespace: str, **kwargs: Any

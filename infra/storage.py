@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pulumi
@@ -150,8 +151,6 @@ class ModelStorage(pulumi.ComponentResource):
 
 
 def _require_tls_policy(arn: str) -> str:
-    import json
-
     return json.dumps(
         {
             "Version": "2012-10-17",

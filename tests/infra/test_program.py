@@ -177,6 +177,12 @@ def test_no_secret_reaches_any_resource_in_plain_text(run: StackRun) -> None:
     assert data["SWITCHYARD_REDIS_URL"].startswith(f"rediss://:{SENTINELS[2]}@master.")
 
 
+def test_leak_detector_finds_a_plaintext_secret_and_ignores_marked_ones() -> None:
+    leaked = {"data": {"catalog.yaml": f"stripe: {SENTINELS[0]}"}}
+    assert _leaks(leaked, "cm") == ["cm.data.catalog.yaml"]
+    assert _leaks({"data": Secret({"k": SENTINELS[0]})}, "cm") == []
+
+
 def test_gateway_catalogue_is_the_stack_catalogue_pointed_at_predictors(run: StackRun) -> None:
     (cm,) = run.of_type("kubernetes:core/v1:ConfigMap")
     data = yaml.safe_load(reveal(cm.props)["data"]["catalog.yaml"])
