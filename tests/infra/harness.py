@@ -73,6 +73,8 @@ class Registered:
     custom: bool
     parent: str
     dependencies: list[str]
+    provider: str
+    """Provider reference, "<provider urn>::<id>"; empty for the default provider."""
 
 
 class _Mocks(pulumi_mocks.Mocks):
@@ -143,6 +145,7 @@ class _Monitor(pulumi_mocks.MockMonitor):
                     custom=bool(request.custom),
                     parent=request.parent,
                     dependencies=list(request.dependencies),
+                    provider=request.provider,
                 )
             )
         return response

@@ -216,6 +216,17 @@ def test_outputs_expose_what_operators_need(run: StackRun) -> None:
     assert out["efs_file_system_id"] and out["redis_endpoint"]
 
 
+def test_kubernetes_objects_use_the_clusters_provider_never_the_ambient_kubeconfig(
+    run: StackRun,
+) -> None:
+    (provider,) = run.of_type("pulumi:providers:kubernetes")
+    kubeconfig = provider.props["kubeconfig"]
+    assert isinstance(kubeconfig, Secret) and f"switchyard-{run.stack}" in kubeconfig.value
+    for reg in run.registered:
+        if reg.custom and reg.res.type.startswith("kubernetes:"):
+            assert reg.provider.startswith(provider.urn + "::"), reg.res.name
+
+
 def test_every_resource_belongs_to_a_component(run: StackRun) -> None:
     for reg in run.registered:
         if reg.custom:
