@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -80,6 +80,9 @@ class Canary(_Lenient):
 
     revision: str
     traffic_percent: int = Field(5, ge=0, le=100)
+    endpoints: tuple[str, ...] = Field(
+        default=(), description="Replicas of the canary when the gateway splits the traffic"
+    )
 
 
 class Meters(_Lenient):
@@ -107,6 +110,12 @@ class ModelSpec(_Lenient):
     gpu: GPU = GPU()
     replicas: Replicas = Replicas()
     autoscaling: Autoscaling = Autoscaling()
+    serving_mode: Literal["knative", "standard"] = Field(
+        "knative",
+        description="knative: KServe canary + concurrency autoscaling; standard: KEDA on "
+        "vllm:num_requests_waiting, canary split by the gateway",
+    )
+    queue_target: int = Field(2, ge=1, description="Waiting requests per replica (standard)")
     canary: Canary | None = None
     vllm_args: tuple[str, ...] = ()
     meters: Meters = Meters()

@@ -290,6 +290,7 @@ class Limiter:
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure(type(exc).__name__)
             return hit[1] if hit else None
+        self.breaker.success()
         if len(self._customers) > 100_000:
             self._customers.clear()
         self._customers[customer] = (now, limits)
