@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import GatewayFactory, GatewayServer, catalog_for, start_simulator, wait_for
+from tests.conftest import GatewayFactory, GatewayServer, start_simulator, wait_for
 from tests.support.procs import Proc
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -89,8 +89,7 @@ def test_token_budget_refuses_large_max_tokens_while_small_pass(gateway: Gateway
 def test_tokens_exhausted_then_429_naming_tokens(gateway: GatewayServer) -> None:
     key = gateway.create_key(tpm=300)["key"]
     # ignore_eos (vLLM): the engine really generates all 100 tokens, so nothing is refunded
-    statuses = [chat(gateway, key, max_tokens=100, ignore_eos=True).status_code
-                for _ in range(4)]
+    statuses = [chat(gateway, key, max_tokens=100, ignore_eos=True).status_code for _ in range(4)]
     assert statuses[:2] == [200, 200]
     assert 429 in statuses
     r = chat(gateway, key, max_tokens=100)
