@@ -277,12 +277,7 @@ def _models(catalog_data: Any) -> tuple[tuple[Model, ...], Mapping[str, Any]]:
     models = []
     for spec in catalog.models:
         where = f"{NAMESPACE}:models[{spec.name}]"
-        extra = spec.model_extra or {}
-        mode = ServingMode(
-            _choice(
-                f"{where}.serving_mode", extra.get("serving_mode", "knative"), list(ServingMode)
-            )
-        )
+        mode = ServingMode(spec.serving_mode)
         if spec.source is None:
             raise ConfigError(f"{where}.source: required in a stack (hf://, s3:// or /dir)")
         if spec.endpoints:

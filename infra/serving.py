@@ -150,7 +150,7 @@ def render_inference_services(
             }
         ]
     objs = []
-    queue_target = int((spec.model_extra or {}).get("queue_target", 2))
+    queue_target = spec.queue_target
     variants = [(spec.name, spec.revision, spec.replicas.min, spec.replicas.max)]
     if spec.canary is not None:
         # No canaryTrafficPercent in Standard mode: a second service, split by the gateway.

@@ -107,7 +107,7 @@ def _staging_models(**change: Any) -> list[dict[str, Any]]:
         ({"gpu": {"type": "nvidia-l4", "count": 1, "instance_type": "g9.huge"}}, "is not one of"),
         ({"gpu": {"type": "nvidia-h100", "count": 1, "instance_type": "g6.xlarge"}}, "carries"),
         ({"gpu": {"type": "nvidia-l4", "count": 2, "instance_type": "g6.xlarge"}}, "count: 2 > 1"),
-        ({"serving_mode": "serverless"}, r"serving_mode: 'serverless' is not one of"),
+        ({"serving_mode": "serverless"}, r"serving_mode: Input should be 'knative' or 'standard'"),
         ({"source": None}, "source: required"),
         ({"endpoints": ["http://10.0.0.1:8000"]}, "endpoints: set by infra"),
         ({"name": "Bad_Name"}, "not a valid model name"),
