@@ -39,7 +39,18 @@ RESULTS = REPO / "bench" / "results"
 CASES = [(False, 1), (False, 32), (True, 1), (True, 32)]
 
 
-def start_stack(work: Path) -> tuple[list[Child], str, str, str]:
+def create_key(*options: str) -> str:
+    """A key made the way an operator would (SWITCHYARD_REDIS_URL set by start_stack)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli(["keys", "create", "--customer", "cus_bench", "--json", *options])
+    key: str = json.loads(out.getvalue())["key"]
+    return key
+
+
+def start_stack(
+    work: Path, ttft_ms: float = 10, tokens_per_s: float = 200
+) -> tuple[list[Child], str, str, str]:
     """redis-server, one simulator, one gateway; returns (children, direct, gateway, key)."""
     children: list[Child] = []
     logs = work / "logs"
@@ -63,9 +74,9 @@ def start_stack(work: Path) -> tuple[list[Child], str, str, str]:
             "--port",
             str(sim_port),
             "--ttft-ms",
-            "10",
+            str(ttft_ms),
             "--tokens-per-s",
-            "200",
+            str(tokens_per_s),
             "--output-tokens",
             "1000",
         ],
@@ -90,11 +101,7 @@ def start_stack(work: Path) -> tuple[list[Child], str, str, str]:
     gateway = f"http://127.0.0.1:{gw_port}"
     wait_until(lambda: http_ok(f"{gateway}/readyz"), gw)
     os.environ["SWITCHYARD_REDIS_URL"] = env["SWITCHYARD_REDIS_URL"]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):  # create the key the way an operator would
-        cli(["keys", "create", "--customer", "cus_bench", "--json"])
-    key = json.loads(out.getvalue())["key"]
-    return children, direct, gateway, key
+    return children, direct, gateway, create_key()
 
 
 def merge(results: list[LoadResult]) -> dict[str, Any]:
