@@ -198,6 +198,78 @@ def cmd_customers_set_limits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_billing_run(args: argparse.Namespace) -> int:
+    from app.billing.worker import BillingWorker, install_sigint
+    from app.logs import configure
+
+    settings = _settings()
+    configure(settings.log_level)
+    worker = BillingWorker(settings, consumer=args.consumer)
+    install_sigint(worker)
+    worker.run()
+    return 0
+
+
+def _sync_redis() -> Any:
+    import redis
+
+    return redis.Redis.from_url(_settings().redis_url, socket_timeout=5)
+
+
+def cmd_billing_dead_letters(args: argparse.Namespace) -> int:
+    from app.billing.reports import dead_letters
+
+    print(json.dumps(dead_letters(_sync_redis()), indent=2))
+    return 0
+
+
+def cmd_billing_resend(args: argparse.Namespace) -> int:
+    from app.billing.worker import BillingWorker
+
+    result = BillingWorker(_settings()).resend_dead_letter(args.identifier)
+    print(
+        json.dumps(
+            {"identifier": args.identifier, "outcome": result.outcome, "detail": result.detail}
+        )
+    )
+    return 0 if result.outcome == "sent" else 1
+
+
+def cmd_billing_reconcile(args: argparse.Namespace) -> int:
+    from app.billing.reports import reconcile
+
+    rows = reconcile(_sync_redis())
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(
+            f"{'CUSTOMER':<20}{'METER':<28}{'RECORDED':>10}{'SENT':>10}{'WAITING':>9}"
+            f"{'DEAD':>7}{'DIFF':>7}"
+        )
+        for r in rows:
+            print(
+                f"{r['customer'][:19]:<20}{r['meter'][:27]:<28}{r['recorded']:>10}"
+                f"{r['sent']:>10}{r['waiting']:>9}{r['dead_letter']:>7}{r['difference']:>7}"
+            )
+    return 1 if any(r["difference"] for r in rows) else 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from app.billing.reports import usage
+    from app.server import redis_client
+
+    async def go() -> Any:
+        client = redis_client(_settings())
+        try:
+            scope, ident = ("cus", args.customer) if args.customer else ("key", args.key)
+            return await usage(client, scope, ident, args.days)
+        finally:
+            await client.aclose()
+
+    print(json.dumps(asyncio.run(go()), indent=2))
+    return 0
+
+
 # -- local platform, simulator, bench -------------------------------------------------------------
 
 
@@ -278,6 +350,27 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("id")
     kr.add_argument("--json", action="store_true")
     kr.set_defaults(fn=cmd_keys_revoke)
+
+    billing = sub.add_parser("billing", help="usage aggregation and Stripe meter events")
+    bsub = billing.add_subparsers(dest="billing_command", required=True, metavar="ACTION")
+    br = bsub.add_parser("run", help="run a billing worker (any number may run)")
+    br.add_argument("--consumer", default=None, help="consumer name (default: host + id)")
+    br.set_defaults(fn=cmd_billing_run)
+    bd = bsub.add_parser("dead-letters", help="meter events Stripe refused for good")
+    bd.set_defaults(fn=cmd_billing_dead_letters)
+    bs = bsub.add_parser("resend", help="send a dead-lettered meter event again")
+    bs.add_argument("identifier")
+    bs.set_defaults(fn=cmd_billing_resend)
+    bc = bsub.add_parser("reconcile", help="recorded vs sent per customer and meter")
+    bc.add_argument("--json", action="store_true")
+    bc.set_defaults(fn=cmd_billing_reconcile)
+
+    us = sub.add_parser("usage", help="daily token usage of a customer or a key")
+    who = us.add_mutually_exclusive_group(required=True)
+    who.add_argument("--customer")
+    who.add_argument("--key", help="key id")
+    us.add_argument("--days", type=_positive, default=7)
+    us.set_defaults(fn=cmd_usage)
 
     cust = sub.add_parser("customers", help="limits shared by all keys of a customer")
     csub = cust.add_subparsers(dest="customers_command", required=True, metavar="ACTION")

@@ -103,6 +103,11 @@ class GatewayMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4, 10),
             registry=r,
         )
+        self.usage_spooled = Counter(
+            "switchyard_usage_spooled",
+            "Usage events written to the local spool because Redis could not take them.",
+            registry=r,
+        )
         self.replica_healthy = Gauge(
             "switchyard_replica_healthy",
             "1 if the replica passed its last health check.",

@@ -25,6 +25,7 @@ from app import __version__
 from app.api import admin, health, openai
 from app.auth.authenticator import Authenticator
 from app.auth.keys import KeyStore
+from app.billing.record import Spool, SpoolReplayer
 from app.errors import APIError, internal_error
 from app.limits.limiter import Limiter
 from app.limits.peers import PeerCount
@@ -74,7 +75,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.limiter_timeout_s,
         settings.key_cache_ttl_s,
     )
-    accounting = Accounting(metrics, redis, limiter)
+    spool = Spool(settings.spool_dir)
+    replayer = SpoolReplayer(spool, redis)
+    accounting = Accounting(metrics, redis, limiter, spool)
     app.state.services = Services(
         settings=settings,
         redis=redis,
@@ -91,9 +94,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     await router.start(session)
     await peers.start()
+    replayer.start()
     try:
         yield
     finally:
+        await replayer.stop()
         await peers.stop()
         await router.stop()
         await tasks.drain()

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_api_base: str = "https://api.stripe.com"
     billing_window_s: int = Field(60, ge=1, le=3600)
+    spool_dir: Path = Field(
+        Path(".switchyard/spool"), description="Usage events wait here while Redis is away"
+    )
+    stripe_max_events_per_s: float = Field(20.0, gt=0, le=1000)
+    billing_health_port: int | None = Field(None, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Hot-path limits and timeouts.

@@ -7,6 +7,7 @@ the request's task, can never cancel the write of what it used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -17,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from app.auth.keys import KeyRecord
+from app.billing.record import STREAM, Spool, usage_event
 from app.catalog import ModelSpec
 from app.limits.limiter import Admission, Limiter
 from app.metrics import GatewayMetrics
@@ -74,13 +76,17 @@ class TaskSet:
 
 
 class Accounting:
-    """Where a finished call's usage goes: metrics, and one pipelined Redis write that
-    settles the rate-limit reservation (and carries the usage record)."""
+    """Where a finished call's usage goes: metrics, and one pipelined Redis write that settles
+    the rate-limit reservation and appends the usage event to the billing stream. If Redis
+    cannot take the event, it goes to the local spool: no usage is ever dropped."""
 
-    def __init__(self, metrics: GatewayMetrics, redis: Redis, limiter: Limiter) -> None:
+    def __init__(
+        self, metrics: GatewayMetrics, redis: Redis, limiter: Limiter, spool: Spool
+    ) -> None:
         self._metrics = metrics
         self._redis = redis
         self._limiter = limiter
+        self._spool = spool
 
     async def finish(self, call: Call, usage: Usage) -> None:
         model = call.spec.name
@@ -89,29 +95,58 @@ class Accounting:
         )
         self._metrics.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
         self._metrics.tokens.labels(model, "completion").inc(usage.completion_tokens)
+        event = None
+        if usage.total_tokens > 0:
+            event = usage_event(
+                call.request_id,
+                call.key.id,
+                call.key.customer,
+                model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.source,
+            )
         admission = call.admission
-        if admission is None or admission.settled:
-            return
-        if usage.source == "upstream":
+        settle = admission is not None and not admission.settled
+        if admission is not None and settle and usage.source == "upstream":
             self._limiter.observe_estimate(admission, usage.completion_tokens)
-        if admission.mode != "redis" or self._limiter.breaker.open:
-            self._limiter.settle_local(admission, usage.prompt_tokens, usage.completion_tokens)
+        if self._limiter.breaker.open:
+            self._degraded(call, usage, event)
             return
         pipe = self._redis.pipeline(transaction=False)
-        self._limiter.settle_into(pipe, admission, usage.prompt_tokens, usage.completion_tokens)
+        if admission is not None and settle:
+            if admission.mode == "redis":
+                self._limiter.settle_into(
+                    pipe, admission, usage.prompt_tokens, usage.completion_tokens
+                )
+            else:
+                self._limiter.settle_local(admission, usage.prompt_tokens, usage.completion_tokens)
+        if event is not None:
+            pipe.xadd(STREAM, event)  # type: ignore[arg-type]
         if not len(pipe):
             return
         try:
             results = await pipe.execute(raise_on_error=False)
-            if any(isinstance(r, NoScriptError) for r in results):
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "accounting: redis unavailable for %s (%s)", call.request_id, type(exc).__name__
+            )
+            self._degraded(call, usage, event)
+            return
+        if event is not None and isinstance(results[-1], Exception):
+            self._spool_event(event)
+        if any(isinstance(r, NoScriptError) for r in results) and admission is not None:
+            with contextlib.suppress(RedisError, OSError):
                 await self._limiter.settle_again(
                     admission, usage.prompt_tokens, usage.completion_tokens
                 )
-            elif failed := [r for r in results if isinstance(r, Exception)]:
-                raise failed[0]
-        except (RedisError, OSError) as exc:
-            log.warning(
-                "accounting: settling %s failed (%s); its reservation expires by itself",
-                call.request_id,
-                type(exc).__name__,
-            )
+
+    def _degraded(self, call: Call, usage: Usage, event: dict[str, str] | None) -> None:
+        if call.admission is not None and not call.admission.settled:
+            self._limiter.settle_local(call.admission, usage.prompt_tokens, usage.completion_tokens)
+        if event is not None:
+            self._spool_event(event)
+
+    def _spool_event(self, event: dict[str, str]) -> None:
+        self._spool.append(event)
+        self._metrics.usage_spooled.inc()

@@ -195,7 +195,9 @@ GatewayFactory = Callable[..., GatewayServer]
 
 
 @pytest.fixture
-def gateway_factory(redis_url: str, simulators: dict[str, list[Proc]]) -> Iterator[GatewayFactory]:
+def gateway_factory(
+    redis_url: str, simulators: dict[str, list[Proc]], tmp_path: Path
+) -> Iterator[GatewayFactory]:
     started: list[GatewayServer] = []
 
     def make(catalog: dict[str, Any] | None = None, **overrides: Any) -> GatewayServer:
@@ -204,6 +206,7 @@ def gateway_factory(redis_url: str, simulators: dict[str, list[Proc]]) -> Iterat
             "catalog": catalog if catalog is not None else catalog_for(simulators),
             "admin_token": ADMIN_TOKEN,
             "health_interval_s": 0.5,
+            "spool_dir": tmp_path / "spool",
         }
         settings = Settings(**(values | overrides))
         gw = GatewayServer(settings).start()

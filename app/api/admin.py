@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth.keys import CUSTOMER_RE, Limits, valid_id
+from app.billing.reports import usage
 from app.errors import forbidden, not_found, unauthorized
 from app.services import Services, get_services
 
@@ -143,3 +144,11 @@ async def set_customer_limits(customer: str, body: Limits, svc: ServicesDep) -> 
     _check_customer(customer)
     await svc.keys.set_customer_limits(customer, body)
     return {"customer": customer, **body.model_dump()}
+
+
+@router.get("/usage")
+async def customer_usage(customer: str, svc: ServicesDep, days: int = 7) -> dict[str, Any]:
+    _check_customer(customer)
+    if not 1 <= days <= 400:
+        raise not_found("days must be between 1 and 400.", "invalid_value", "days")
+    return {"customer": customer, **await usage(svc.redis, "cus", customer, days)}

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.auth.keys import KeyRecord
+from app.billing.reports import usage
 from app.catalog import ModelKind, ModelSpec
 from app.errors import (
     APIError,
@@ -356,3 +357,12 @@ async def get_model(model: str, request: Request, svc: ServicesDep) -> dict[str,
         # Not revealing which models exist beyond the key's scope.
         raise not_found(f"The model '{model}' does not exist.")
     return _model_card(spec)
+
+
+@router.get("/v1/usage")
+async def own_usage(request: Request, svc: ServicesDep, days: int = 7) -> dict[str, Any]:
+    """The calling key's own daily token usage (as aggregated by the billing worker)."""
+    key = await svc.auth.authenticate(request.headers.get("authorization"))
+    if not 1 <= days <= 400:
+        raise unprocessable("days must be between 1 and 400.", "days")
+    return {"key": key.id, **await usage(svc.redis, "key", key.id, days)}
