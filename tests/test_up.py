@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -89,3 +90,4 @@ def test_up_serves_the_openai_api_and_stops_cleanly(tmp_path: Path) -> None:
     assert not port_open("127.0.0.1", port)
     assert not port_open("127.0.0.1", redis_port)
     assert (tmp_path / "state" / "logs" / "gateway.log").exists()
+    assert "billing    worker running" in output

@@ -217,11 +217,20 @@ def run_platform(port: int, state_dir: str, replicas: int) -> int:
             "SWITCHYARD_ADMIN_TOKEN": admin,
             "SWITCHYARD_PORT": str(port),
             "SWITCHYARD_HOST": "127.0.0.1",
+            "SWITCHYARD_SPOOL_DIR": str(state / "spool"),
         }
         gateway = spawn("gateway", switchyard_cmd("gateway"), state / "logs", env)
         children.append(gateway)
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), gateway, timeout=30)
         print(f"  gateway    http://127.0.0.1:{port} (logs in {state / 'logs'})")
+        billing = spawn("billing", switchyard_cmd("billing", "run"), state / "logs", env)
+        children.append(billing)
+        stripe = (
+            f"meter events to {os.environ.get('SWITCHYARD_STRIPE_API_BASE') or 'Stripe'}"
+            if os.environ.get("SWITCHYARD_STRIPE_API_KEY")
+            else "Stripe off (set SWITCHYARD_STRIPE_API_KEY); usage stays aggregated"
+        )
+        print(f"  billing    worker running: {stripe}")
         key = asyncio.run(_demo_key(redis_url))
         chat = next((m.name for m in catalog.models if m.kind is ModelKind.chat), None)
         print(_banner(port, key, admin, chat), flush=True)

@@ -29,6 +29,15 @@ local seen_now = 'sy:{bill}:seen:' .. bucket
 local seen_before = 'sy:{bill}:seen:' .. (bucket - horizon)
 local days = math.floor(now / 86400)
 
+-- Sums are gathered in Lua tables first and written once per (hash, field) of the batch.
+local sums = {}
+local function add(hash, fld, n)
+  if n == 0 then return end
+  local h = sums[hash]
+  if not h then h = {}; sums[hash] = h end
+  h[fld] = (h[fld] or 0) + n
+end
+
 local folded, duplicates = 0, 0
 for i = 3, #ARGV, 8 do
   local rid = ARGV[i]
@@ -38,22 +47,25 @@ for i = 3, #ARGV, 8 do
     local customer, key, model = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local meter_in, meter_out = ARGV[i + 4], ARGV[i + 5]
     local pt, ct = tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7])
-    if pt > 0 then
-      redis.call('HINCRBY', totals, customer .. '\t' .. meter_in, pt)
-      redis.call('HINCRBY', 'sy:{bill}:recorded', customer .. '\t' .. meter_in, pt)
-    end
-    if ct > 0 then
-      redis.call('HINCRBY', totals, customer .. '\t' .. meter_out, ct)
-      redis.call('HINCRBY', 'sy:{bill}:recorded', customer .. '\t' .. meter_out, ct)
-    end
+    add(totals, customer .. '\t' .. meter_in, pt)
+    add(totals, customer .. '\t' .. meter_out, ct)
+    add('sy:{bill}:recorded', customer .. '\t' .. meter_in, pt)
+    add('sy:{bill}:recorded', customer .. '\t' .. meter_out, ct)
     for _, scope in ipairs({'key:' .. key, 'cus:' .. customer}) do
       local h = 'sy:{bill}:day:' .. days .. ':' .. scope
-      redis.call('HINCRBY', h, model .. '\tprompt', pt)
-      redis.call('HINCRBY', h, model .. '\tcompletion', ct)
-      redis.call('HINCRBY', h, model .. '\trequests', 1)
-      redis.call('EXPIRE', h, 400 * 86400)
+      add(h, model .. '\tprompt', pt)
+      add(h, model .. '\tcompletion', ct)
+      add(h, model .. '\trequests', 1)
     end
     folded = folded + 1
+  end
+end
+for hash, fields in pairs(sums) do
+  for fld, n in pairs(fields) do
+    redis.call('HINCRBY', hash, fld, n)
+  end
+  if string.sub(hash, 1, 14) == 'sy:{bill}:day:' then
+    redis.call('EXPIRE', hash, 400 * 86400)
   end
 end
 redis.call('EXPIRE', seen_now, 2 * horizon + 60)
