@@ -82,6 +82,17 @@ def test_up_serves_the_openai_api_and_stops_cleanly(tmp_path: Path) -> None:
             pytest.raises(openai.AuthenticationError),
         ):
             c.models.list()
+        # the billing worker folds usage, and the key sees it
+        deadline = time.monotonic() + 20
+        totals: dict[str, int] = {}
+        while time.monotonic() < deadline and totals.get("requests", 0) < 4:
+            reply = httpx.get(
+                f"{url.group(1)}/usage", headers={"authorization": f"Bearer {key.group(1)}"}
+            )
+            totals = reply.json()["totals"]
+            time.sleep(0.2)
+        assert totals["requests"] == 4
+        assert totals["completion_tokens"] == 4 + 4 + 2
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)
