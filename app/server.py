@@ -145,6 +145,66 @@ class GatewayApp(FastAPI):
         self._proxy = openai.ProxyEndpoints()
         self._hot = frozenset(openai.ProxyEndpoints.PATHS)
 
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's schema plus the plain-ASGI endpoints, described from the same models
+        that validate their bodies."""
+        if self.openapi_schema:
+            return self.openapi_schema
+        schema = super().openapi()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        error = {
+            "description": "OpenAI-shaped error",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        components["Error"] = {
+            "type": "object",
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "null"]},
+                    },
+                }
+            },
+        }
+        for path, model in openai.REQUEST_MODELS.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            schema.setdefault("paths", {})[path] = {
+                "post": {
+                    "tags": ["openai"],
+                    "summary": f"OpenAI-compatible {path}, proxied to a replica of the model",
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The engine's answer (JSON, or text/event-stream "
+                            "when stream is true)"
+                        },
+                        **{
+                            str(code): error
+                            for code in (400, 401, 403, 404, 413, 422, 429, 502, 503, 504)
+                        },
+                    },
+                }
+            }
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"}
+        }
+        self.openapi_schema = schema
+        return schema
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in self._hot:
             if scope["method"] != "POST":

@@ -44,7 +44,7 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
 
-_SCHEMAS: dict[str, type[BaseModel]] = {
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
     CHAT: ChatCompletionRequest,
     COMPLETIONS: CompletionRequest,
     EMBEDDINGS: EmbeddingRequest,
@@ -97,7 +97,7 @@ def parse_json(body: bytes) -> dict[str, Any]:
 
 def validate(endpoint: str, payload: dict[str, Any]) -> BaseModel:
     try:
-        return _SCHEMAS[endpoint].model_validate(payload)
+        return REQUEST_MODELS[endpoint].model_validate(payload)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
