@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from app.auth.keys import KeyRecord, KeyStore, Limits
 from app.catalog import ModelSpec
 from app.errors import APIError, unavailable
+from app.limits.batch import ScriptBatcher
 from app.limits.breaker import CircuitBreaker
 from app.limits.budgets import Budget, budgets_for, learned_key, lease_key
 from app.limits.gcra import LocalLimiter, Verdict
@@ -92,6 +93,7 @@ class Limiter:
         self._cache_ttl = cache_ttl_s
         self._admit: AsyncScript = redis.register_script(_lua("admit.lua"))
         self._settle: AsyncScript = redis.register_script(_lua("settle.lua"))
+        self._batcher = ScriptBatcher(redis)
         self._local = LocalLimiter()
         self._customers: dict[str, tuple[float, Limits | None]] = {}
         self.breaker = CircuitBreaker(
@@ -144,7 +146,7 @@ class Limiter:
             argv += [b.limit, b.period_ms, int(b.tokens)]
         keys = [learned_key(key, spec.name), lease_key(key), *(b.key for b in budgets)]
         async with asyncio.timeout(self._timeout):
-            raw = await self._admit(keys=keys, args=argv)
+            raw = await self._batcher.call(self._admit, keys, argv)
         self.breaker.success()
         allowed, reserved, conc_ok, _learned = (int(x) for x in raw[:4])
         verdicts = [
