@@ -40,6 +40,10 @@ class Settings(BaseSettings):
         Path(".switchyard/spool"), description="Usage events wait here while Redis is away"
     )
     stripe_max_events_per_s: float = Field(20.0, gt=0, le=1000)
+    stripe_timeout_s: float = Field(10.0, gt=0, le=120)
+    billing_reclaim_idle_s: float = Field(
+        30.0, gt=0, description="A stream entry unacknowledged this long belongs to a dead worker"
+    )
     billing_health_port: int | None = Field(None, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -38,7 +38,6 @@ RECORDED = "sy:{bill}:recorded"
 SENT_TOTAL = "sy:{bill}:sent"
 DEAD_LIST = "sy:{bill}:dead"
 DEDUP_HORIZON_S = 3600  # an event id is remembered for 1-2 h: covers redelivery and replays
-RECLAIM_IDLE_MS = 30_000
 STRIPE_DEDUP_S = 23 * 3600  # give up automatic resends before Stripe forgets identifiers
 DEFAULT_METERS = Meters()
 
@@ -112,7 +111,11 @@ class BillingWorker:
         self.window_s = settings.billing_window_s
         key = settings.stripe_api_key
         self.sender = sender or (
-            StripeSender(key.get_secret_value(), settings.stripe_api_base) if key else None
+            StripeSender(
+                key.get_secret_value(), settings.stripe_api_base, settings.stripe_timeout_s
+            )
+            if key
+            else None
         )
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.metrics = WorkerMetrics()
@@ -120,6 +123,10 @@ class BillingWorker:
             resources.files("app.billing").joinpath("lua", "fold.lua").read_text("utf-8")
         )
         self._rate = RateLimit(settings.stripe_max_events_per_s)
+        self._reclaim_idle_ms = int(settings.billing_reclaim_idle_s * 1000)
+        # A send lock outlives any call it guards (timeout + margin), and no longer: a killed
+        # worker's lock must not hold its totals back for long.
+        self._lock_ms = int((settings.stripe_timeout_s + 5) * 1000)
         self._backoff: dict[tuple[int, str], tuple[float, int]] = {}
         self._stopping = False
 
@@ -177,7 +184,7 @@ class BillingWorker:
         start = "0-0"
         while True:
             reply = self.redis.xautoclaim(
-                STREAM, GROUP, self.consumer, RECLAIM_IDLE_MS, start_id=start, count=500
+                STREAM, GROUP, self.consumer, self._reclaim_idle_ms, start_id=start, count=500
             )
             start, entries = reply[0], reply[1]
             total += self.fold([e for e in entries if e[1]])
@@ -221,7 +228,7 @@ class BillingWorker:
             value = int(raw_value)
             ident = identifier(start, customer, meter)
             lock = f"sy:{{bill}}:lock:{ident}"
-            if not self.redis.set(lock, self.consumer, nx=True, px=60_000):
+            if not self.redis.set(lock, self.consumer, nx=True, px=self._lock_ms):
                 continue  # another worker is sending it (one call per customer and meter)
             try:
                 if now - start > STRIPE_DEDUP_S:

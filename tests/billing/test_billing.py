@@ -233,8 +233,11 @@ def test_billed_tokens_equal_served_tokens_through_faults(
     own_redis: Any,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """Stripe fails a third of calls; the worker is killed mid-run and restarted; Redis is
-    restarted (AOF) mid-run. Billed == served, exactly, and no identifier counted twice."""
+    """Stripe fails a third of calls; the worker is killed while Stripe is answering one of its
+    calls (Stripe records it, the worker never learns) and restarted; Redis is restarted (AOF).
+    Billed == served, exactly, and no identifier counted twice."""
+    from tests.support.fake_stripe import Fault
+
     stripe_server.state.fail_every = 3
     gw = gateway_factory(redis_url=own_redis.url)
     keys = {c: gw.create_key(customer=c)["key"] for c in ("cus_e2e_1", "cus_e2e_2")}
@@ -242,7 +245,10 @@ def test_billed_tokens_equal_served_tokens_through_faults(
     worker = start_worker(own_redis.url, stripe_server, log)
     try:
         seen = _traffic(gw, keys, 10)
-        worker.send_signal(signal.SIGKILL)
+        calls = stripe_server.state.calls
+        stripe_server.state.faults.append(Fault("slow", 1.5))  # the next call hangs a while
+        wait_for(lambda: stripe_server.state.calls > calls, timeout=10)
+        worker.send_signal(signal.SIGKILL)  # mid-send: Stripe will accept, nobody marks it
         worker.wait(10)
         seen += _traffic(gw, keys, 10)
         own_redis.stop()
@@ -266,6 +272,7 @@ def test_billed_tokens_equal_served_tokens_through_faults(
         assert totals[(customer, "switchyard_output_tokens")] == completion
     idents = [e["identifier"] for e in stripe_server.state.accepted.values()]
     assert len(idents) == len(set(idents))
+    assert stripe_server.state.duplicates >= 1, "the killed send was resent and deduplicated"
 
 
 def test_usage_is_spooled_while_redis_is_away_and_billed_after(
