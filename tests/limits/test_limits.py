@@ -152,30 +152,60 @@ def test_stream_cut_by_client_is_charged_for_what_was_generated(
         sim.stop()
 
 
-def test_two_gateways_share_one_budget(gateway_factory: GatewayFactory) -> None:
-    first, second = gateway_factory(), gateway_factory()
-    key = first.create_key(rpm=40)["key"]
-    results: list[int] = []
-    lock = threading.Lock()
+def test_two_gateway_processes_share_one_budget(
+    gateway_factory: GatewayFactory,
+    simulators: dict[str, list[Proc]],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """One gateway in this process, one in its own process, both on the same Redis."""
+    import sys
 
-    def hammer(gw: GatewayServer) -> None:
-        with httpx.Client(timeout=20) as c:
-            for _ in range(40):
-                r = c.post(
-                    f"{gw.url}/v1/chat/completions",
-                    json={"model": "chat-small", "messages": MSG, "max_tokens": 1},
-                    headers={"authorization": f"Bearer {key}"},
-                )
-                with lock:
-                    results.append(r.status_code)
+    import yaml
 
-    threads = [threading.Thread(target=hammer, args=(gw,)) for gw in (first, second) * 2]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - started
+    from tests.conftest import catalog_for
+    from tests.support.procs import free_port, start
+
+    first = gateway_factory()
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump(catalog_for(simulators)))
+    port = free_port()
+    second = start(
+        [sys.executable, "-m", "app.cli", "gateway", "--port", str(port)],
+        tmp_path / "gateway2.log",
+        ready_url=f"http://127.0.0.1:{port}/readyz",
+        env={
+            "SWITCHYARD_REDIS_URL": redis_url,
+            "SWITCHYARD_CATALOG": str(catalog),
+            "SWITCHYARD_SPOOL_DIR": str(tmp_path / "spool2"),
+        },
+    )
+    try:
+        key = first.create_key(rpm=40)["key"]
+        results: list[int] = []
+        lock = threading.Lock()
+
+        def hammer(url: str) -> None:
+            with httpx.Client(timeout=20) as c:
+                for _ in range(40):
+                    r = c.post(
+                        f"{url}/v1/chat/completions",
+                        json={"model": "chat-small", "messages": MSG, "max_tokens": 1},
+                        headers={"authorization": f"Bearer {key}"},
+                    )
+                    with lock:
+                        results.append(r.status_code)
+
+        urls = [first.url, f"http://127.0.0.1:{port}"] * 2
+        threads = [threading.Thread(target=hammer, args=(u,)) for u in urls]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+    finally:
+        second.stop()
     admitted = results.count(200)
     refill = int(elapsed * 40 / 60)  # one more per 1.5 s of test
     assert set(results) <= {200, 429}
