@@ -55,6 +55,11 @@ class Demand:
     default_completion: int
     completion_cap: int  # per choice: the context left after the prompt
 
+    def completion_guess(self) -> int:
+        """Completion tokens per choice without history (admit.lua also consults history)."""
+        guess = self.max_tokens if self.max_tokens is not None else self.default_completion
+        return max(0, min(guess, self.completion_cap))
+
 
 @dataclass
 class Admission:
@@ -110,9 +115,17 @@ class Limiter:
         budgets = budgets_for(key, spec.name, customer)
         if not budgets and key.max_concurrent is None:
             self._metrics.limiter_decisions.labels("off", "allowed").inc()
-            fixed = demand.max_tokens if demand.max_tokens is not None else -1
-            per_choice = fixed if fixed >= 0 else demand.default_completion
-            return Admission(request_id, key, spec.name, [], 0, per_choice, False, "off", demand.n)
+            return Admission(
+                request_id,
+                key,
+                spec.name,
+                [],
+                0,
+                demand.completion_guess(),
+                False,
+                "off",
+                demand.n,
+            )
         if self.breaker.allow():
             try:
                 return await self._admit_redis(key, spec, demand, request_id, budgets)
@@ -177,10 +190,7 @@ class Limiter:
         request_id: str,
         budgets: list[Budget],
     ) -> Admission:
-        per_choice = (
-            demand.max_tokens if demand.max_tokens is not None else demand.default_completion
-        )
-        per_choice = max(0, min(per_choice, demand.completion_cap))
+        per_choice = demand.completion_guess()
         reserved = demand.prompt_tokens + demand.n * per_choice
         share = self._peers.count
         allowed, verdicts = self._local.admit(budgets, reserved, share)
