@@ -53,6 +53,13 @@ class _Lenient(BaseModel):
         return self
 
 
+def _check_urls(v: tuple[str, ...]) -> tuple[str, ...]:
+    for url in v:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint {url!r} must start with http:// or https://")
+    return tuple(u.rstrip("/") for u in v)
+
+
 class GPU(_Lenient):
     type: str = Field("nvidia-l4", description="GPU type; one node group per distinct type")
     count: int = Field(1, ge=1, le=16)
@@ -75,6 +82,25 @@ class Autoscaling(_Lenient):
     target: int = Field(8, ge=1, le=10_000)
 
 
+RoutingStrategyName = Literal["round_robin", "least_outstanding", "queue_aware", "prefix_aware"]
+
+
+class CanaryGuard(_Lenient):
+    """Rolls a canary back (weight 0) when it does clearly worse than the stable target.
+
+    Over the last ``window_s`` seconds, once both sides have ``min_requests`` answers: the
+    canary breaches when its error rate (5xx answers) exceeds ``stable * max_error_ratio +
+    error_margin``, or its p95 time to first byte exceeds ``stable * max_ttft_ratio +
+    ttft_margin_ms``. A rollback lasts until the gateway restarts or an operator resets it."""
+
+    window_s: float = Field(60.0, gt=0, le=3600)
+    min_requests: int = Field(20, ge=1)
+    max_error_ratio: float = Field(2.0, ge=1.0)
+    error_margin: float = Field(0.02, ge=0, le=1)
+    max_ttft_ratio: float = Field(2.0, ge=1.0)
+    ttft_margin_ms: float = Field(20.0, ge=0)
+
+
 class Canary(_Lenient):
     """A new revision served beside the stable one with a share of the traffic."""
 
@@ -83,6 +109,40 @@ class Canary(_Lenient):
     endpoints: tuple[str, ...] = Field(
         default=(), description="Replicas of the canary when the gateway splits the traffic"
     )
+    sticky: bool = Field(False, description="Keep each API key on one side of the split")
+    guard: CanaryGuard | None = None
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_urls(v)
+
+
+class AliasTarget(_Lenient):
+    model: str
+    weight: float = Field(ge=0)
+
+
+class Alias(_Lenient):
+    """A public model name split by weight between catalogue models (e.g. 95/5 for a canary).
+
+    The first target is the stable one; the others are canaries the guard may roll back. A key
+    must be allowed the alias name itself; it needs no grant for the targets (the operator who
+    defines the alias vouches for them), but fallbacks of a target still need their own grant."""
+
+    name: str
+    targets: tuple[AliasTarget, ...] = Field(min_length=1)
+    sticky: bool = Field(False, description="Same key, same target (hash of the key id)")
+    guard: CanaryGuard | None = None
+
+    @model_validator(mode="after")
+    def _weights(self) -> Alias:
+        if sum(t.weight for t in self.targets) <= 0:
+            raise ValueError(f"alias {self.name!r}: target weights must not all be 0")
+        models = [t.model for t in self.targets]
+        if len(set(models)) != len(models):
+            raise ValueError(f"alias {self.name!r} lists a target twice")
+        return self
 
 
 class Meters(_Lenient):
@@ -120,6 +180,15 @@ class ModelSpec(_Lenient):
     vllm_args: tuple[str, ...] = ()
     meters: Meters = Meters()
     fallbacks: tuple[str, ...] = ()
+    routing: RoutingStrategyName | None = Field(
+        None, description="Replica choice; default SWITCHYARD_ROUTING_STRATEGY"
+    )
+    shed_waiting: int | None = Field(
+        None,
+        ge=0,
+        description="503 at once when every replica has more waiting requests than this; "
+        "default SWITCHYARD_SHED_WAITING",
+    )
 
     @field_validator("name")
     @classmethod
@@ -134,10 +203,7 @@ class ModelSpec(_Lenient):
     @field_validator("endpoints")
     @classmethod
     def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for url in v:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"endpoint {url!r} must start with http:// or https://")
-        return tuple(u.rstrip("/") for u in v)
+        return _check_urls(v)
 
     @field_validator("source")
     @classmethod
@@ -155,6 +221,7 @@ class ModelSpec(_Lenient):
 
 class Catalog(_Lenient):
     models: tuple[ModelSpec, ...] = ()
+    aliases: tuple[Alias, ...] = ()
 
     @model_validator(mode="after")
     def _unique(self) -> Catalog:
@@ -168,7 +235,25 @@ class Catalog(_Lenient):
             for fb in m.fallbacks:
                 if fb not in names:
                     raise ValueError(f"model {m.name!r} lists unknown fallback {fb!r}")
+        for a in self.aliases:
+            if a.name in seen:
+                raise ValueError(f"alias {a.name!r} clashes with a model or alias of that name")
+            seen.add(a.name)
+            kinds = set()
+            for t in a.targets:
+                target = self.get(t.model)
+                if target is None:
+                    raise ValueError(f"alias {a.name!r} targets unknown model {t.model!r}")
+                kinds.add(target.kind)
+            if len(kinds) > 1:
+                raise ValueError(f"alias {a.name!r} mixes model kinds {sorted(kinds)}")
         return self
+
+    def alias(self, name: str) -> Alias | None:
+        for a in self.aliases:
+            if a.name == name:
+                return a
+        return None
 
     def get(self, name: str) -> ModelSpec | None:
         for m in self.models:

@@ -43,8 +43,9 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             "switchyard_requests",
-            "Requests answered, by model, endpoint and HTTP status.",
-            ["model", "endpoint", "status"],
+            "Requests answered, by requested model (or alias), serving target "
+            "(model, or model@revision for a canary), endpoint and HTTP status.",
+            ["model", "target", "endpoint", "status"],
             registry=r,
         )
         self.latency = Histogram(
@@ -56,8 +57,9 @@ class GatewayMetrics:
         )
         self.ttft = Histogram(
             "switchyard_time_to_first_token_seconds",
-            "Time from request arrival to the first generated token relayed (streams).",
-            ["model"],
+            "Time from request arrival to the first generated token relayed (streams), by "
+            "requested model (or alias) and serving target.",
+            ["model", "target"],
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
@@ -112,5 +114,35 @@ class GatewayMetrics:
             "switchyard_replica_healthy",
             "1 if the replica passed its last health check.",
             ["model", "replica"],
+            registry=r,
+        )
+        self.replica_waiting = Gauge(
+            "switchyard_replica_waiting_requests",
+            "vllm:num_requests_waiting of the replica at its last scrape.",
+            ["model", "replica"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "switchyard_shed_requests",
+            "Requests answered 503 at once because every replica's queue was too long.",
+            ["model"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "switchyard_fallbacks",
+            "Requests served by a fallback model because the model had no available replica.",
+            ["model", "fallback"],
+            registry=r,
+        )
+        self.canary_weight = Gauge(
+            "switchyard_canary_weight",
+            "Effective weight of each target of a traffic split (alias or model canary).",
+            ["split", "target"],
+            registry=r,
+        )
+        self.canary_rollbacks = Counter(
+            "switchyard_canary_rollbacks",
+            "Canaries moved to weight 0 by the guard.",
+            ["split", "target"],
             registry=r,
         )

@@ -62,7 +62,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s),
         auto_decompress=False,
     )
-    router = Router(settings.catalog, metrics, settings.health_interval_s)
+    router = Router(settings.catalog, metrics, settings)
     tasks = TaskSet()
     keys = KeyStore(redis)
     peers = PeerCount(redis, minimum=settings.gateway_replicas)

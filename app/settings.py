@@ -12,7 +12,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.catalog import Catalog, CatalogError, load_catalog, parse_catalog
+from app.catalog import (
+    Catalog,
+    CatalogError,
+    RoutingStrategyName,
+    load_catalog,
+    parse_catalog,
+)
 
 ENV_PREFIX = "SWITCHYARD_"
 
@@ -57,6 +63,27 @@ class Settings(BaseSettings):
     total_timeout_s: float = Field(600.0, gt=0)
     upstream_retries: int = Field(2, ge=0, le=10)
     health_interval_s: float = Field(2.0, gt=0)
+
+    # Routing (app/routing/).
+    routing_strategy: RoutingStrategyName = Field(
+        "least_outstanding", description="Default replica choice; a model's `routing` overrides"
+    )
+    load_scrape_interval_s: float = Field(
+        1.0, gt=0, le=60, description="How often replicas' /metrics are read (queue-aware, shed)"
+    )
+    shed_waiting: int | None = Field(
+        None, ge=0, description="Default load-shedding threshold (waiting requests per replica)"
+    )
+    shed_retry_after_s: int = Field(1, ge=1, le=600)
+    prefix_chars: int = Field(
+        512, ge=16, le=100_000, description="Prompt characters hashed by prefix-aware routing"
+    )
+    prefix_busy_slack: int = Field(
+        4, ge=0, description="Prefix-aware: leave the prefix's replica when it is this much busier"
+    )
+    eject_after_failures: int = Field(3, ge=1, le=100)
+    eject_for_s: float = Field(10.0, gt=0, le=3600)
+    canary_guard_interval_s: float = Field(1.0, gt=0, le=60)
 
     # Rate limiting.
     ratelimit_failure_mode: Literal["fail_open", "fail_closed"] = Field(

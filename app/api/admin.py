@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.auth.keys import CUSTOMER_RE, Limits, valid_id
 from app.billing.reports import usage
 from app.errors import forbidden, not_found, unauthorized
+from app.routing.canary import Split
+from app.routing.pool import ModelPool
 from app.services import Services, get_services
 
 CUSTOMER_PATTERN = r"^[A-Za-z0-9_.:-]{1,255}$"
@@ -104,26 +106,69 @@ async def revoke_key(key_id: str, svc: ServicesDep) -> dict[str, Any]:
 
 @router.get("/pool")
 async def pool(svc: ServicesDep) -> dict[str, Any]:
+    """Replicas (health, ejection, load, strategy) and traffic splits (weights, guard state)."""
     now = time.monotonic()
-    return {
-        "models": [
+    router = svc.router
+
+    def replicas(p: ModelPool) -> list[dict[str, Any]]:
+        return [
             {
-                "model": name,
-                "kind": p.spec.kind.value,
-                "replicas": [
-                    {
-                        "url": r.url,
-                        "healthy": r.healthy,
-                        "available": r.available(now),
-                        "outstanding": r.outstanding,
-                        "ejected_for_s": max(0.0, round(r.ejected_until - now, 1)),
-                    }
-                    for r in p.replicas
-                ],
+                "url": r.url,
+                "healthy": r.healthy,
+                "available": r.available(now),
+                "outstanding": r.outstanding,
+                "waiting": r.waiting,
+                "running": r.running,
+                "kv_cache_usage": round(r.kv_usage, 4),
+                "load_age_s": round(now - r.load_at, 1) if r.load_at else None,
+                "ejected_for_s": max(0.0, round(r.ejected_until - now, 1)),
+                "ejections": r.ejections,
+                "probation": r.probation,
             }
-            for name, p in svc.router.pools.items()
+            for r in p.replicas
         ]
-    }
+
+    def split(s: Split) -> dict[str, Any]:
+        return {
+            "name": s.name,
+            "sticky": s.sticky,
+            "guard": s.guard.model_dump() if s.guard else None,
+            "targets": [
+                {
+                    "target": t.label,
+                    "model": t.model,
+                    "weight": t.weight,
+                    "effective_weight": t.effective_weight,
+                    "rolled_back": t.rolled_back,
+                }
+                for t in s.targets
+            ],
+        }
+
+    models = []
+    for name, p in router.pools.items():
+        entry: dict[str, Any] = {
+            "model": name,
+            "kind": p.spec.kind.value,
+            "routing": p.strategy.name,
+            "shed_waiting": p.shed_waiting,
+            "fallbacks": list(p.spec.fallbacks),
+            "replicas": replicas(p),
+        }
+        canary = router.canary_pools.get(name)
+        if canary is not None:
+            entry["canary"] = {"target": canary.label, "replicas": replicas(canary)}
+            entry["split"] = split(router.model_splits[name])
+        models.append(entry)
+    return {"models": models, "aliases": [split(a) for a in router.aliases.values()]}
+
+
+@router.post("/pool/splits/{name}/reset")
+async def reset_split(name: str, svc: ServicesDep) -> dict[str, Any]:
+    """Give a split's rolled-back canaries their configured weights again."""
+    if not svc.router.reset_split(name):
+        raise not_found(f"No alias or model canary named '{name[:80]}'.", "split_not_found", "name")
+    return {"name": name, "reset": True}
 
 
 def _check_customer(customer: str) -> None:

@@ -33,6 +33,8 @@ from app.errors import (
 )
 from app.limits.limiter import Demand
 from app.proxy.relay import StreamRelay
+from app.routing.pool import Route
+from app.routing.strategies import RequestInfo
 from app.services import Services, get_services
 from app.tokens import estimate_prompt_tokens
 from app.usage import Call, Usage
@@ -105,9 +107,18 @@ def validate(endpoint: str, payload: dict[str, Any]) -> BaseModel:
 
 
 def resolve_model(svc: Services, key: KeyRecord, name: str, endpoint: str) -> ModelSpec:
-    spec = svc.settings.catalog.get(name)
+    """The model behind ``name`` (for an alias: its stable target, all targets share a kind).
+
+    The key must be allowed ``name`` itself, the alias for an alias: that is the product the
+    key buys. An alias's targets need no grant of their own; fallbacks do (see Router.route)."""
+    catalog = svc.settings.catalog
+    spec = catalog.get(name)
     if spec is None:
-        raise not_found(f"The model '{name}' does not exist.")
+        alias = catalog.alias(name)
+        if alias is None:
+            raise not_found(f"The model '{name}' does not exist.")
+        spec = catalog.get(alias.targets[0].model)
+        assert spec is not None
     if not key.allows(name):
         raise forbidden(f"This API key is not allowed to use the model '{name}'.")
     if spec.kind not in _KINDS[endpoint]:
@@ -194,8 +205,12 @@ class ProxyEndpoints:
         )
         payload = parse_json(await read_body(receive, headers, svc.settings.max_body_bytes))
         parsed = validate(endpoint, payload)
-        spec = resolve_model(svc, key, payload["model"], endpoint)
-        state.model = spec.name
+        name = payload["model"]
+        resolve_model(svc, key, name, endpoint)
+        state.model = name
+        route = svc.router.route(name, key, RequestInfo(key.id, payload, svc.settings.prefix_chars))
+        state.route = route
+        spec = route.spec  # the model that serves: an alias's target, or a fallback
         stream = bool(getattr(parsed, "stream", False))
         options = getattr(parsed, "stream_options", None)
         request_id = f"req_{uuid.uuid4().hex}"
@@ -216,17 +231,15 @@ class ProxyEndpoints:
             started=state.started,
             admission=admission,
         )
-        pool = svc.router.pool(spec.name)
-        assert pool is not None  # every catalogue model has a pool
         inflight = svc.metrics.inflight.labels(spec.name)
         inflight.inc()
         watcher = _DisconnectWatcher(receive)
         try:
             if stream:
-                relay = await svc.proxy.stream(call, pool)
+                relay = await svc.proxy.stream(call, route)
                 await _send_stream(state, call, relay, send, watcher)
             else:
-                body = await svc.proxy.complete(call, pool)
+                body = await svc.proxy.complete(call, route)
                 state.status = 200
                 watcher.done = True
                 await _send_whole(send, 200, body, call.request_id, state.headers)
@@ -246,7 +259,16 @@ class ProxyEndpoints:
 class _Exchange:
     """What one request's metrics need, filled in as it goes."""
 
-    __slots__ = ("endpoint", "headers", "model", "response_started", "started", "status", "svc")
+    __slots__ = (
+        "endpoint",
+        "headers",
+        "model",
+        "response_started",
+        "route",
+        "started",
+        "status",
+        "svc",
+    )
 
     def __init__(self, svc: Services, endpoint: str, started: float) -> None:
         self.svc = svc
@@ -256,14 +278,18 @@ class _Exchange:
         self.status = 500
         self.response_started = False
         self.headers: list[tuple[bytes, bytes]] = []
+        self.route: Route | None = None
 
     def record(self) -> None:
         metrics = self.svc.metrics
-        metrics.requests.labels(self.model, self.endpoint, str(self.status)).inc()
+        route = self.route
+        target = route.target if route is not None else "none"
+        metrics.requests.labels(self.model, target, self.endpoint, str(self.status)).inc()
+        elapsed = time.perf_counter() - self.started
+        if route is not None:
+            route.observe(self.status, elapsed)
         if self.status != 200:  # a success's duration is observed when its usage is accounted
-            metrics.latency.labels(self.model, self.endpoint).observe(
-                time.perf_counter() - self.started
-            )
+            metrics.latency.labels(self.model, self.endpoint).observe(elapsed)
 
 
 class _DisconnectWatcher:

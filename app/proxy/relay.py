@@ -22,7 +22,7 @@ import orjson
 from app.errors import APIError, bad_gateway, gateway_timeout, unavailable
 from app.metrics import GatewayMetrics
 from app.proxy.sse import DONE, SSESplitter, inspect
-from app.routing.pool import ModelPool, Replica
+from app.routing.pool import Replica, Route
 from app.settings import Settings
 from app.usage import Accounting, Call, TaskSet, Usage
 
@@ -101,16 +101,17 @@ class Proxy:
         self._tasks.spawn(self._accounting.finish(call, usage))
 
     async def _with_failover(
-        self, call: Call, pool: ModelPool, attempt: Callable[[Replica], Awaitable[_T]]
+        self, call: Call, route: Route, attempt: Callable[[Replica], Awaitable[_T]]
     ) -> _T:
         """Run ``attempt`` on up to 1 + upstream_retries distinct replicas.
 
         Each attempt takes one unit of the replica's ``outstanding`` count; it must give it
         back when it fails or finishes, or hand it on (a stream gives it to its relay)."""
+        pool, info = route.pool, route.info
         tried: list[str] = []
         last: APIError | None = None
         for _ in range(self._settings.upstream_retries + 1):
-            replica = pool.pick(tried)
+            replica = pool.pick(tried, info)
             if replica is None:
                 break
             tried.append(replica.url)
@@ -135,12 +136,12 @@ class Proxy:
 
     # -- whole responses ----------------------------------------------------------------------
 
-    async def complete(self, call: Call, pool: ModelPool) -> bytes:
+    async def complete(self, call: Call, route: Route) -> bytes:
         """Non-streamed call: the engine's answer, accounted and renamed for the client.
 
         Cancelling it (the client left) closes the upstream connection, which stops the engine;
         ``abandon`` then accounts what is known."""
-        body = await self._with_failover(call, pool, partial(self._post, call))
+        body = await self._with_failover(call, route, partial(self._post, call))
         return self._whole_response(call, body)
 
     def abandon(self, call: Call) -> None:
@@ -186,11 +187,11 @@ class Proxy:
 
     # -- streams -------------------------------------------------------------------------------
 
-    async def stream(self, call: Call, pool: ModelPool) -> StreamRelay:
+    async def stream(self, call: Call, route: Route) -> StreamRelay:
         """A primed stream: its first event is read, so earlier failures could fail over."""
-        return await self._with_failover(call, pool, partial(self._open_stream, call))
+        return await self._with_failover(call, route, partial(self._open_stream, call, route))
 
-    async def _open_stream(self, call: Call, replica: Replica) -> StreamRelay:
+    async def _open_stream(self, call: Call, route: Route, replica: Replica) -> StreamRelay:
         """Connect and read the first event, so that failures before it can fail over."""
         resp: aiohttp.ClientResponse | None = None
         splitter = SSESplitter()
@@ -218,7 +219,7 @@ class Proxy:
                 error = gateway_timeout(f"The model sent no token within {timeout:g}s.")
                 raise _UpstreamFailure("timeout", error, retry=False) from None
             raise
-        return StreamRelay(self, call, replica, resp, splitter, first)
+        return StreamRelay(self, call, replica, resp, splitter, first, route)
 
 
 class StreamRelay:
@@ -233,8 +234,10 @@ class StreamRelay:
         resp: aiohttp.ClientResponse,
         splitter: SSESplitter,
         first: list[bytes],
+        route: Route | None = None,
     ) -> None:
         self._proxy = proxy
+        self._route = route
         self._call = call
         self._replica = replica
         self._resp = resp
@@ -272,6 +275,8 @@ class StreamRelay:
     async def events(self) -> AsyncIterator[bytes]:
         metrics = self._proxy.metrics
         model = self._call.spec.name
+        route = self._route
+        requested, target = (route.requested, route.target) if route else (model, model)
         total = self._proxy._settings.total_timeout_s
         deadline = self._call.started + total
         saw_done = False
@@ -281,7 +286,10 @@ class StreamRelay:
             if data:
                 yield data
             if self._first_token_at is not None:
-                metrics.ttft.labels(model).observe(self._first_token_at - self._call.started)
+                ttft = self._first_token_at - self._call.started
+                metrics.ttft.labels(requested, target).observe(ttft)
+                if route is not None:
+                    route.ttft = ttft
             async with asyncio.timeout(max(0.001, deadline - time.perf_counter())):
                 while True:
                     raw = await self._resp.content.readany()
