@@ -39,6 +39,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _size(text: str) -> int:
+    from app.models.commands import size
+
+    return size(text)
+
+
 def _settings(**overrides: Any) -> Settings:
     try:
         return load_settings(**overrides)
@@ -270,6 +276,21 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- models -------------------------------------------------------------------------------------
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from app.models.commands import run_pull
+
+    return run_pull(args)
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from app.models.commands import run_list
+
+    return run_list(args)
+
+
 # -- local platform, simulator, bench -------------------------------------------------------------
 
 
@@ -379,6 +400,36 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--rpm", type=_positive, default=None)
     cl.add_argument("--tpm", type=_positive, default=None)
     cl.set_defaults(fn=cmd_customers_set_limits)
+
+    models = sub.add_parser("models", help="put model weights on the shared volume")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    mp = msub.add_parser(
+        "pull", help="download, verify and publish one revision to DEST/<revision>"
+    )
+    mp.add_argument("source", help="hf://org/name@revision, s3://bucket/prefix or a directory")
+    mp.add_argument("--dest", required=True, help="the model's directory on the volume")
+    mp.add_argument(
+        "--revision",
+        default=None,
+        help="names DEST/<revision> (default: the @revision of hf://, else main)",
+    )
+    mp.add_argument("--jobs", type=_positive, default=4, help="files fetched at once")
+    mp.add_argument(
+        "--keep-free", type=_size, default=0, help="refuse unless this much stays free (10G)"
+    )
+    mp.add_argument(
+        "--lock-stale-after",
+        type=float,
+        default=60.0,
+        help="seconds without a heartbeat before another pull's lock is broken",
+    )
+    mp.add_argument("--progress", choices=("auto", "bar", "plain"), default="auto")
+    mp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    mp.set_defaults(fn=cmd_models_pull)
+    ml = msub.add_parser("list", help="revisions on the volume, with sizes")
+    ml.add_argument("dir", help="the volume root or one model's directory")
+    ml.add_argument("--json", action="store_true")
+    ml.set_defaults(fn=cmd_models_list)
 
     from app.bench.client import add_arguments
 

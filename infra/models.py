@@ -36,6 +36,19 @@ def source_at(source: str, revision: str) -> str:
     return source
 
 
+def pull_command(model: Model, revision: str) -> tuple[list[str], list[str]]:
+    """(command, args) of the pull Job: the weights land in MOUNT/<name>/<revision>.
+
+    That is the directory the vLLM entrypoint serves: KServe mounts MOUNT/<name> at
+    /mnt/models (storageUri pvc://models/<name>) and the predictor's
+    SWITCHYARD_MODEL_REVISION names the sub-directory. `--revision` is explicit because
+    s3:// and directory sources carry no revision of their own.
+    """
+    assert model.spec.source is not None  # config.load() rejects models without a source
+    command = ["switchyard", "models", "pull", source_at(model.spec.source, revision)]
+    return command, ["--dest", f"{MOUNT}/{model.spec.name}", "--revision", revision]
+
+
 def job_name(model: Model, revision: str) -> str:
     digest = hashlib.sha256(f"{model.spec.source}|{revision}".encode()).hexdigest()[:8]
     return f"pull-{model.spec.name[:44]}-{digest}"
@@ -83,13 +96,13 @@ class ModelJobs(pulumi.ComponentResource):
         self, model: Model, revision: str, token_secret: k8s.core.v1.Secret | None
     ) -> k8s.batch.v1.Job:
         a, spec = self._args, model.spec
-        assert spec.source is not None  # config.load() rejects models without a source
         name = job_name(model, revision)
+        command, args = pull_command(model, revision)
         container = {
             "name": "pull",
             "image": a.image,
-            "command": ["switchyard", "models", "pull", source_at(spec.source, revision)],
-            "args": ["--dest", f"{MOUNT}/{spec.name}"],
+            "command": command,
+            "args": args,
             "env": [
                 {
                     "name": "HF_TOKEN",
