@@ -306,6 +306,32 @@ def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
     return simulate(rest)
 
 
+def cmd_pool(args: argparse.Namespace) -> int:
+    """Replicas, health, load and traffic weights, from a running gateway's GET /admin/pool."""
+    import httpx
+
+    from app.routing.report import format_pool
+
+    token = args.token
+    if token is None:
+        secret = _settings().admin_token
+        token = secret.get_secret_value() if secret is not None else None
+    if not token:
+        raise SystemExit("switchyard pool: set SWITCHYARD_ADMIN_TOKEN or pass --token")
+    try:
+        r = httpx.get(
+            f"{args.url.rstrip('/')}/admin/pool",
+            headers={"authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"switchyard pool: cannot reach {args.url}: {exc}") from None
+    if r.status_code != 200:
+        raise SystemExit(f"switchyard pool: HTTP {r.status_code}: {r.text[:300]}")
+    print(json.dumps(r.json(), indent=2) if args.json else format_pool(r.json()))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from app.bench.client import main as bench
 
@@ -432,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     ml.set_defaults(fn=cmd_models_list)
 
     from app.bench.client import add_arguments
+
+    pool = sub.add_parser("pool", help="a gateway's replicas, health, load and traffic weights")
+    pool.add_argument("--url", default="http://127.0.0.1:8000", help="gateway base URL")
+    pool.add_argument("--token", default=None, help="admin token (default SWITCHYARD_ADMIN_TOKEN)")
+    pool.add_argument("--json", action="store_true", help="print GET /admin/pool as it is")
+    pool.set_defaults(fn=cmd_pool)
 
     bench = sub.add_parser("bench", help="load-test a gateway or an engine")
     add_arguments(bench)

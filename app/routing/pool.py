@@ -175,7 +175,7 @@ class Router:
     def __init__(self, catalog: Catalog, metrics: GatewayMetrics, settings: Settings) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._catalog = catalog
+        self._specs = {m.name: m for m in catalog.models}
         self.pools: dict[str, ModelPool] = {}
         self.canary_pools: dict[str, ModelPool] = {}
         self.model_splits: dict[str, Split] = {}
@@ -237,24 +237,41 @@ class Router:
     def route(self, name: str, key: KeyRecord, info: RequestInfo | None = None) -> Route:
         """The pool for a request to ``name`` (a model or an alias the key is allowed).
 
-        Raises 503 (with Retry-After) when the model and every fallback the key may use have no
-        available replica, or when the chosen pool sheds load."""
-        decisions: list[tuple[Split, SplitTarget]] = []
+        An alias draws a target; a target without an available replica (nor a usable fallback)
+        hands over to the alias's other targets, so a dead canary costs no errors. Raises 503
+        (with Retry-After) when nothing the key may use has an available replica, or when the
+        chosen pool sheds load."""
         alias = self.aliases.get(name)
-        model = name
-        if alias is not None:
-            target = alias.choose(key.id)
-            decisions.append((alias, target))
-            model = target.model
-        spec = self._catalog.get(model)
-        assert spec is not None  # aliases and fallbacks are checked against the catalogue
+        if alias is None:
+            route = self._serve(name, name, key, info, [])
+            if route is None:
+                raise unavailable(f"No healthy replica of model '{name}' is available.", 1)
+            return route
+        first = alias.choose(key.id)
+        for target in (first, *(t for t in alias.targets if t is not first)):
+            route = self._serve(name, target.model, key, info, [(alias, target)])
+            if route is not None:
+                return route
+        raise unavailable(f"No healthy replica behind '{name}' is available.", 1)
+
+    def _serve(
+        self,
+        requested: str,
+        model: str,
+        key: KeyRecord,
+        info: RequestInfo | None,
+        decisions: list[tuple[Split, SplitTarget]],
+    ) -> Route | None:
+        """A route to ``model`` or, when it has no available replica, to the first of its
+        fallbacks that the key may use and that has one; None when there is none."""
+        spec = self._specs[model]  # aliases and fallbacks are checked against the catalogue
         for candidate in (spec.name, *spec.fallbacks):
-            cspec = self._catalog.get(candidate)
+            cspec = self._specs.get(candidate)
             if cspec is None or cspec.kind != spec.kind:
                 continue
             if candidate != spec.name and not key.allows(candidate):
                 continue  # a fallback never widens what the key may use
-            chosen = self._pick_side(cspec, key, decisions)
+            chosen = self._pick_side(cspec, key)
             if chosen is None:
                 continue
             pool, side = chosen
@@ -267,12 +284,12 @@ class Router:
                     "routing: %s has no available replica; using fallback %s", model, candidate
                 )
             if side is not None:
-                decisions.append(side)
-            return Route(name, cspec, pool, info, decisions)
-        raise unavailable(f"No healthy replica of model '{model}' is available.", 1)
+                decisions = [*decisions, side]
+            return Route(requested, cspec, pool, info, decisions)
+        return None
 
     def _pick_side(
-        self, spec: ModelSpec, key: KeyRecord, decisions: list[tuple[Split, SplitTarget]]
+        self, spec: ModelSpec, key: KeyRecord
     ) -> tuple[ModelPool, tuple[Split, SplitTarget] | None] | None:
         """The stable or canary pool of a model (whichever the split says, else the other)."""
         split = self.model_splits.get(spec.name)

@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from app.cli import main as cli
 from tests.conftest import (
+    ADMIN_TOKEN,
     GatewayFactory,
     GatewayServer,
     sim_config,
@@ -203,6 +205,18 @@ def test_a_sticky_alias_keeps_a_key_on_one_target(
     assert all(len(seen) == 1 for seen in seen_per_key)
 
 
+def test_an_alias_target_without_replicas_hands_over_to_the_other_targets(
+    gateway_factory: GatewayFactory, sims: SimFactory
+) -> None:
+    stable = sims("stable")
+    catalog = alias_catalog(stable, [], (50, 50))
+    catalog["models"][1]["endpoints"] = [f"http://127.0.0.1:{free_port()}"]  # canary is down
+    gw = gateway_factory(catalog=catalog)
+    key = gw.create_key(models=["chat"])["key"]
+    assert {post(gw, key, "chat").status_code for _ in range(20)} == {200}
+    assert sim_stats(stable[0])["finished"] == 20
+
+
 def test_a_failing_canary_is_rolled_back_by_the_guard(
     gateway_factory: GatewayFactory, sims: SimFactory
 ) -> None:
@@ -228,7 +242,7 @@ def test_a_failing_canary_is_rolled_back_by_the_guard(
 
 
 def test_a_slow_model_canary_is_rolled_back_by_the_guard(
-    gateway_factory: GatewayFactory, sims: SimFactory
+    gateway_factory: GatewayFactory, sims: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     stable, slow = sims("m"), sims("m")
     sim_config(slow[0], ttft_ms=150)
@@ -258,6 +272,10 @@ def test_a_slow_model_canary_is_rolled_back_by_the_guard(
             model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
     assert sim_stats(slow[0])["received"] == before
+    assert cli(["pool", "--url", gw.url, "--token", ADMIN_TOKEN]) == 0
+    table = capsys.readouterr().out
+    assert "m@v2 50 -> 0 (rolled back by the guard)" in table
+    assert "(canary)" in table and "least_outstanding" in table
     with gw.admin() as admin:
         assert admin.post("/admin/pool/splits/m/reset").status_code == 200
     assert not pool_view(gw)["models"][0]["split"]["targets"][1]["rolled_back"]
