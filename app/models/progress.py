@@ -76,6 +76,11 @@ class Progress:
         self.stream.flush()
         self._drawn = True
 
+    def skip(self, n: int) -> None:
+        """Bytes that count as done without being transferred (verified leftovers, resumes)."""
+        with self._lock:
+            self.done += n
+
     def line(self, message: str) -> None:
         """A message that stays (printed above the bar on a terminal)."""
         with self._lock:

@@ -241,8 +241,20 @@ class _Puller:
         self.abort = threading.Event()
 
     def _prepare_stage(self) -> None:
-        """Keep an interrupted pull's staging only if it was for the very same content."""
-        state = {"source": self.source.uri, "commit": self.resolved.commit}
+        """Keep an interrupted pull's staging only if it was for the very same content.
+
+        The fingerprint covers every file's size, checksums and S3 ETag: an object replaced
+        between two attempts must not be resumed onto the old object's first bytes.
+        """
+        listing = [
+            [e.path, e.size, e.sha256, e.md5, e.git_sha1, e.extra.get("etag")]
+            for e in self.resolved.files
+        ]
+        state = {
+            "source": self.source.uri,
+            "commit": self.resolved.commit,
+            "files": hashlib.sha256(json.dumps(listing).encode()).hexdigest(),
+        }
         try:
             previous = json.loads((self.stage / STATE).read_text())
         except (OSError, ValueError):
@@ -351,14 +363,14 @@ class _Puller:
             except PullError:
                 target.unlink()
             else:
-                progress.add(0)
+                progress.skip(target.stat().st_size)
                 return self._journal(journal, entry, target, digests, checks)
         offset = part.stat().st_size if part.exists() else 0
         if entry.size is not None and offset > entry.size:
             part.unlink()
             offset = 0
         if offset:
-            progress.done += offset
+            progress.skip(offset)
             progress.line(f"resuming {entry.path} at {human(offset)}")
         with open(part, "ab") as f:
             sink = _Sink(f, entry, offset, part, progress, self.abort)

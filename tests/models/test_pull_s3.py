@@ -113,3 +113,24 @@ def test_an_s3_source_names_its_revision_directory() -> None:
     assert (source.uri, source.revision) == ("s3://bucket/models/tiny", "v7")
     with pytest.raises(SourceError, match="cannot name a directory"):
         parse_source("s3://bucket/x", "../escape")
+
+
+def test_an_object_replaced_between_attempts_is_fetched_again_not_resumed(
+    s3: Any, bucket: str, env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with pytest.raises(Exception, match="connection lost"):
+        pull(_CrashingS3(bucket, "tiny/v1", "v1"), tmp_path, out=io.StringIO(), bar=False)
+    replaced = bytes(reversed(WEIGHTS))  # same size, different bytes: a re-upload
+    s3.put_object(Bucket=bucket, Key="tiny/v1/model.safetensors", Body=replaced)
+
+    done = run(
+        env, "pull", f"s3://{bucket}/tiny/v1", "--dest", str(tmp_path), "--revision", "v1", "--json"
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "resuming" not in done.stderr
+    assert json.loads(done.stdout)["fetched"] >= len(WEIGHTS)
+    assert (tmp_path / "v1" / "model.safetensors").read_bytes() == replaced
