@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pty
 import signal
 import subprocess
 import time
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from app.models import READY_MARKER
-from tests.models.conftest import HF_TOKEN, run, start
+from tests.models.conftest import HF_TOKEN, cli, run, start
 from tests.models.fake_hub import FakeHub, Repo
+from tests.support.procs import REPO
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO_ID = "acme/tiny-llm"
@@ -232,3 +234,53 @@ def test_pull_refuses_when_the_volume_is_too_small(
         assert gets == []  # refused before downloading anything
     finally:
         subprocess.run(["umount", str(volume)], check=True)
+
+
+def test_sigterm_releases_the_lock_and_keeps_what_was_fetched(
+    hub: FakeHub, env: dict[str, str], tmp_path: Path
+) -> None:
+    repo = tiny_model(weights=14 << 20)
+    repo.throttle["model.safetensors"] = 0.1
+    repo.chunk = 1 << 20
+    hub.add(REPO_ID, "main", repo)
+    source = f"hf://{REPO_ID}@{COMMIT}"
+    first = start(env, "pull", source, "--dest", str(tmp_path))
+    _wait_for_partial(tmp_path, "model.safetensors", 10 << 20, first)
+    first.send_signal(signal.SIGTERM)  # how Kubernetes stops a Job's pod
+    first.communicate(timeout=20)
+
+    assert first.returncode == 128 + signal.SIGTERM
+    assert not (tmp_path / ".locks" / f"{COMMIT}.lock").exists()
+    assert next((tmp_path / ".partial").rglob("model.safetensors.part")).stat().st_size > 0
+    repo.throttle.clear()
+    done = run(env, "pull", source, "--dest", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "waiting for" not in done.stderr and "resuming model.safetensors" in done.stderr
+
+
+def test_a_terminal_gets_a_progress_bar(hub: FakeHub, env: dict[str, str], tmp_path: Path) -> None:
+    hub.add(REPO_ID, "main", tiny_model())
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        cli("pull", f"hf://{REPO_ID}@{COMMIT}", "--dest", str(tmp_path)),
+        env=env,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=30) == 0
+    text = b"".join(chunks).decode()
+    assert "\r\x1b[K" in text and "100% |" in text
+    assert "progress:" not in text  # the plain-line form is for logs only
