@@ -102,8 +102,11 @@ def test_gateway_is_multi_stage_and_its_final_stage_has_no_toolchain() -> None:
 def test_gateway_runs_one_process_chosen_by_the_command() -> None:
     final = dict(stages(GATEWAY)[-1])
     assert final["ENTRYPOINT"] == '["switchyard"]'
-    assert final["CMD"].startswith('["gateway"')
+    assert final["CMD"] == '["gateway"]'
     assert "SWITCHYARD_CATALOG=/etc/switchyard/catalog.yaml" in final["ENV"]
+    # infra/gateway.py runs `switchyard gateway` as the command: the bind address must come
+    # from the environment, or the gateway would listen on 127.0.0.1 inside its pod.
+    assert "SWITCHYARD_HOST=0.0.0.0" in final["ENV"] and "SWITCHYARD_PORT=8000" in final["ENV"]
 
 
 def test_gateway_dockerignore_admits_only_what_the_build_copies() -> None:
