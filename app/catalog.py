@@ -54,9 +54,13 @@ class _Lenient(BaseModel):
 
 
 def _check_urls(v: tuple[str, ...]) -> tuple[str, ...]:
+    """Static replica URLs, or ``dns+http://name:port``: every address the name resolves to is
+    a replica (a headless Service's pods), re-resolved while the gateway runs."""
     for url in v:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"endpoint {url!r} must start with http:// or https://")
+        if not url.startswith(("http://", "https://", "dns+http://", "dns+https://")):
+            raise ValueError(
+                f"endpoint {url!r} must start with http://, https:// or dns+http(s)://"
+            )
     return tuple(u.rstrip("/") for u in v)
 
 

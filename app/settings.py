@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     eject_after_failures: int = Field(3, ge=1, le=100)
     eject_for_s: float = Field(10.0, gt=0, le=3600)
     canary_guard_interval_s: float = Field(1.0, gt=0, le=60)
+    discovery_interval_s: float = Field(
+        10.0, gt=0, le=3600, description="How often dns+http:// endpoints are re-resolved"
+    )
 
     # Rate limiting.
     ratelimit_failure_mode: Literal["fail_open", "fail_closed"] = Field(

@@ -29,6 +29,7 @@ from app.catalog import Catalog, ModelSpec
 from app.errors import APIError, unavailable
 from app.metrics import GatewayMetrics
 from app.routing.canary import Split, SplitTarget
+from app.routing.discovery import is_dns, resolve
 from app.routing.load import parse_engine_load
 from app.routing.strategies import (
     LeastOutstanding,
@@ -95,9 +96,13 @@ class ModelPool:
     strategy: RoutingStrategy = field(default_factory=LeastOutstanding)
     shed_waiting: int | None = None
     label: str = ""  # metrics `target` label of requests this pool serves
+    static_urls: tuple[str, ...] = ()
+    dns_sources: tuple[str, ...] = ()  # dns+http:// endpoints, resolved in the background
 
     def __post_init__(self) -> None:
         self.label = self.label or self.spec.name
+        if not self.static_urls:
+            self.static_urls = tuple(r.url for r in self.replicas)
 
     def pick(
         self, exclude: Iterable[str] = (), request: RequestInfo | None = None
@@ -208,15 +213,22 @@ class Router:
             for t in split.targets:
                 metrics.canary_weight.labels(split.name, t.label).set(t.effective_weight)
         self._tasks: list[asyncio.Task[None]] = []
+        self.resolver: Callable[[str], Awaitable[list[str]]] = resolve
+
+    def _replica(self, url: str, healthy: bool = True) -> Replica:
+        s = self._settings
+        return Replica(
+            url, healthy=healthy, eject_after=s.eject_after_failures, eject_for_s=s.eject_for_s
+        )
 
     def _pool(self, spec: ModelSpec, urls: Iterable[str], label: str) -> ModelPool:
         s = self._settings
-        replicas = [
-            Replica(u, eject_after=s.eject_after_failures, eject_for_s=s.eject_for_s) for u in urls
-        ]
+        static = tuple(u for u in urls if not is_dns(u))
+        dns = tuple(u for u in urls if is_dns(u))
         strategy = make_strategy(spec.routing or s.routing_strategy, s.prefix_busy_slack)
         shed = spec.shed_waiting if spec.shed_waiting is not None else s.shed_waiting
-        return ModelPool(spec, replicas, strategy, shed, label)
+        replicas = [self._replica(u) for u in static]
+        return ModelPool(spec, replicas, strategy, shed, label, static, dns)
 
     def pool(self, model: str) -> ModelPool | None:
         return self.pools.get(model)
@@ -306,8 +318,16 @@ class Router:
     # -- background tasks ----------------------------------------------------------------------
 
     async def start(self, session: aiohttp.ClientSession) -> None:
-        await self.check_all(session)
         s = self._settings
+        if any(p.dns_sources for p in self.all_pools()):
+            await self.discover_all(session)
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(s.discovery_interval_s, self.discover_all, session),
+                    name="replica-discovery",
+                )
+            )
+        await self.check_all(session)
         self._tasks.append(
             asyncio.create_task(
                 self._every(s.health_interval_s, self.check_all, session), name="health-checker"
@@ -346,6 +366,46 @@ class Router:
                 await job(session)
             except Exception:  # the loop must never die
                 log.exception("routing: background round failed")
+
+    async def discover_all(self, session: aiohttp.ClientSession) -> None:
+        """Re-resolve every dns+http:// endpoint; new replicas are health-checked before they
+        join, vanished ones leave (requests in flight on them finish normally)."""
+        for pool in self.all_pools():
+            if not pool.dns_sources:
+                continue
+            found: list[str] = []
+            try:
+                for source in pool.dns_sources:
+                    found += await self.resolver(source)
+            except OSError as exc:
+                log.warning("routing: cannot resolve replicas of %s: %s", pool.label, exc)
+                continue  # keep what we had
+            await self._set_replicas(session, pool, [*pool.static_urls, *found])
+
+    async def _set_replicas(
+        self, session: aiohttp.ClientSession, pool: ModelPool, urls: list[str]
+    ) -> None:
+        current = {r.url: r for r in pool.replicas}
+        wanted = list(dict.fromkeys(urls))
+        new = [self._replica(u, healthy=False) for u in wanted if u not in current]
+        if new:
+            await asyncio.gather(*(self._check(session, pool, r) for r in new))
+        gone = [u for u in current if u not in set(wanted)]
+        if not new and not gone:
+            return
+        fresh = {r.url: r for r in new}
+        pool.replicas = [current.get(u) or fresh[u] for u in wanted]
+        for url in gone:
+            for gauge in (self._metrics.replica_healthy, self._metrics.replica_waiting):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(pool.label, url)
+        log.info(
+            "routing: replicas of %s now %s (added %s, removed %s)",
+            pool.label,
+            wanted,
+            [r.url for r in new],
+            gone,
+        )
 
     async def check_all(self, session: aiohttp.ClientSession) -> None:
         checks = [self._check(session, pool, r) for pool in self.all_pools() for r in pool.replicas]

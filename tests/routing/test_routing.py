@@ -382,3 +382,19 @@ def test_a_fallback_the_key_may_not_use_is_never_used(
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "no_healthy_upstream"
     assert sim_stats(backup[0])["received"] == 0
+
+
+def test_replicas_behind_a_dns_name_serve_requests(
+    gateway_factory: GatewayFactory, sims: SimFactory
+) -> None:
+    sim = sims("m")[0]
+    port = base(sim).rsplit(":", 1)[1]
+    gw = gateway_factory(
+        catalog={"models": [{"name": "m", "endpoints": [f"dns+http://localhost:{port}"]}]}
+    )
+    key = gw.create_key()["key"]
+    assert post(gw, key, "m").status_code == 200
+    replicas = pool_view(gw)["models"][0]["replicas"]
+    assert {"url": f"http://127.0.0.1:{port}", "available": True}.items() <= next(
+        r for r in replicas if "127.0.0.1" in r["url"]
+    ).items()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
@@ -19,6 +22,8 @@ from app.routing.strategies import (
     RoundRobin,
     prompt_prefix,
 )
+
+T = TypeVar("T")
 
 
 def split_95_5(sticky: bool = False, guard: CanaryGuard | None = None) -> Split:
@@ -235,3 +240,61 @@ def test_the_minimal_catalogue_still_works() -> None:
 def test_strategies_are_seeded_independently() -> None:
     random.seed(1)  # the split's draw uses its own RNG, untouched by the global one
     assert split_95_5()._rng is not split_95_5()._rng
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on a private loop: asyncio.run would unset the thread's current loop, which other
+    suites (Pulumi's mocks) rely on."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def test_dns_endpoints_are_resolved_and_refreshed_without_a_restart() -> None:
+    import aiohttp
+
+    from app.metrics import GatewayMetrics
+    from app.routing.pool import Router
+    from app.settings import Settings
+    from tests.support.procs import free_port
+
+    static = f"http://127.0.0.1:{free_port()}"
+    a, b = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
+    settings = Settings(
+        catalog={"models": [{"name": "m", "endpoints": [static, "dns+http://m.svc:8000"]}]}
+    )
+    router = Router(settings.catalog, GatewayMetrics(), settings)
+    answers: list[list[str] | OSError] = [[a, b], [b], OSError("SERVFAIL")]
+
+    async def fake_resolve(url: str) -> list[str]:
+        assert url == "dns+http://m.svc:8000"
+        answer = answers.pop(0)
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    router.resolver = fake_resolve
+    pool = router.pools["m"]
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as session:
+            await router.discover_all(session)
+            assert [r.url for r in pool.replicas] == [static, a, b]
+            assert not pool.replicas[1].healthy, "checked before joining (nothing listens)"
+            kept = pool.replicas[2]
+            await router.discover_all(session)
+            assert [r.url for r in pool.replicas] == [static, b]
+            assert pool.replicas[1] is kept, "a replica that stays keeps its state"
+            await router.discover_all(session)
+            assert [r.url for r in pool.replicas] == [static, b], "a failed lookup changes nothing"
+
+    run(scenario())
+
+
+def test_dns_resolution_expands_a_name_into_replica_urls() -> None:
+    from app.routing.discovery import resolve
+
+    urls = run(resolve("dns+http://localhost:8123/v1/"))
+    assert "http://127.0.0.1:8123/v1" in urls
