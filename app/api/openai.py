@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.auth.keys import KeyRecord
 from app.billing.reports import usage
-from app.catalog import ModelKind, ModelSpec
+from app.catalog import Alias, Catalog, ModelKind, ModelSpec
 from app.errors import (
     APIError,
     bad_request,
@@ -357,32 +357,47 @@ async def _send_error(
     await _send_whole(send, exc.status, orjson.dumps(exc.body()), extra=extra)
 
 
-def _model_card(spec: ModelSpec) -> dict[str, Any]:
+def _model_card(
+    spec: ModelSpec, name: str | None = None, max_len: int | None = None
+) -> dict[str, Any]:
     return {
-        "id": spec.name,
+        "id": name or spec.name,
         "object": "model",
         "created": 0,
         "owned_by": "switchyard",
         "kind": spec.kind.value,
-        "max_model_len": spec.max_model_len,
+        "max_model_len": max_len or spec.max_model_len,
     }
+
+
+def _alias_card(catalog: Catalog, alias: Alias) -> dict[str, Any]:
+    """An alias looks like a model: its targets' kind, and the context all of them accept."""
+    specs = [s for t in alias.targets if (s := catalog.get(t.model)) is not None]
+    return _model_card(specs[0], alias.name, min(s.max_model_len for s in specs))
 
 
 @router.get("/v1/models")
 async def list_models(request: Request, svc: ServicesDep) -> dict[str, Any]:
     key = await svc.auth.authenticate(request.headers.get("authorization"))
-    data = [_model_card(m) for m in svc.settings.catalog.models if key.allows(m.name)]
+    catalog = svc.settings.catalog
+    data = [_model_card(m) for m in catalog.models if key.allows(m.name)]
+    data += [_alias_card(catalog, a) for a in catalog.aliases if key.allows(a.name)]
     return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model}")
 async def get_model(model: str, request: Request, svc: ServicesDep) -> dict[str, Any]:
     key = await svc.auth.authenticate(request.headers.get("authorization"))
-    spec = svc.settings.catalog.get(model)
-    if spec is None or not key.allows(model):
-        # Not revealing which models exist beyond the key's scope.
-        raise not_found(f"The model '{model}' does not exist.")
-    return _model_card(spec)
+    catalog = svc.settings.catalog
+    spec = catalog.get(model)
+    alias = catalog.alias(model) if spec is None else None
+    if key.allows(model):
+        if spec is not None:
+            return _model_card(spec)
+        if alias is not None:
+            return _alias_card(catalog, alias)
+    # Not revealing which models exist beyond the key's scope.
+    raise not_found(f"The model '{model}' does not exist.")
 
 
 @router.get("/v1/usage")

@@ -185,6 +185,18 @@ def test_an_alias_routes_to_both_targets_and_metrics_carry_the_target(
     )
 
 
+def test_an_alias_is_listed_as_a_model_for_keys_allowed_it(
+    gateway_factory: GatewayFactory, sims: SimFactory
+) -> None:
+    stable, canary = sims("stable"), sims("canary")
+    gw = gateway_factory(catalog=alias_catalog(stable, canary, (95, 5)))
+    client = gw.client(gw.create_key(models=["chat"])["key"])
+    assert [m.id for m in client.models.list()] == ["chat"]
+    assert client.models.retrieve("chat").id == "chat"
+    other = gw.client(gw.create_key(models=["stable"])["key"])
+    assert [m.id for m in other.models.list()] == ["stable"]
+
+
 def test_a_key_must_be_allowed_the_alias(gateway_factory: GatewayFactory, sims: SimFactory) -> None:
     stable, canary = sims("stable"), sims("canary")
     gw = gateway_factory(catalog=alias_catalog(stable, canary, (50, 50)))
