@@ -19,7 +19,8 @@ class ImagesArgs:
     """ECR names are account-wide: <project>-<stack>/<image> keeps stacks apart."""
     tag: str
     context_root: str
-    """Directory holding one build context per image (images/gateway, images/vllm)."""
+    """Directory of the image folders (images/gateway, images/vllm); the gateway builds from
+    its parent, the repository root."""
     force_delete: bool
     """Staging may drop repositories with images in them; production keeps them."""
     tags: dict[str, str]
@@ -71,11 +72,14 @@ class Images(pulumi.ComponentResource):
 
     def _build(self, image: str, repo: aws.ecr.Repository) -> pulumi.Output[str]:
         token = aws.ecr.get_authorization_token_output(registry_id=repo.registry_id)
-        context = Path(self._args.context_root) / image
+        root = Path(self._args.context_root)
+        # The gateway image packages app/ and the lock, so its context is the repository root;
+        # the vLLM image needs only its own folder.
+        context = root.parent if image == "gateway" else root / image
         built = docker_build.Image(
             f"{self._name}-{image}",
             context=docker_build.BuildContextArgs(location=str(context)),
-            dockerfile=docker_build.DockerfileArgs(location=str(context / "Dockerfile")),
+            dockerfile=docker_build.DockerfileArgs(location=str(root / image / "Dockerfile")),
             platforms=[docker_build.Platform.LINUX_AMD64],
             push=True,
             tags=[pulumi.Output.concat(repo.repository_url, ":", self._args.tag)],

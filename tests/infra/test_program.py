@@ -200,8 +200,17 @@ def test_workloads_are_pinned_to_built_image_digests(run: StackRun) -> None:
 
 def test_images_build_from_the_repository_image_contexts(run: StackRun) -> None:
     images = [reveal(r.props) for r in run.of_type("docker-build:index:Image")]
-    contexts = {Path(i["context"]["location"]).resolve() for i in images}
-    assert contexts == {ROOT / "images" / "gateway", ROOT / "images" / "vllm"}
+    built = {
+        (Path(i["context"]["location"]).resolve(), Path(i["dockerfile"]["location"]).resolve())
+        for i in images
+    }
+    # the gateway image needs app/ and the lock: the repository root is its context
+    assert built == {
+        (ROOT, ROOT / "images" / "gateway" / "Dockerfile"),
+        (ROOT / "images" / "vllm", ROOT / "images" / "vllm" / "Dockerfile"),
+    }
+    for _, dockerfile in built:
+        assert dockerfile.exists(), dockerfile
     for image in images:
         assert image["push"] is True and image["platforms"] == ["linux/amd64"]
         # The registry password is an ECR token: the leak test below checks it stays secret.
