@@ -267,11 +267,17 @@ def _network(cfg: pulumi.Config, tier: Tier) -> NetworkSettings:
     return NetworkSettings(cidr=str(net), az_count=az_count, single_nat_gateway=single_nat)
 
 
-def _models(catalog_data: Any) -> tuple[tuple[Model, ...], Mapping[str, Any]]:
+def _models(
+    catalog_data: Any, aliases_data: Any = None
+) -> tuple[tuple[Model, ...], Mapping[str, Any]]:
     if not isinstance(catalog_data, list) or not catalog_data:
         raise ConfigError(f"{NAMESPACE}:models: expected a non-empty list of catalogue entries")
+    if aliases_data is not None and not isinstance(aliases_data, list):
+        raise ConfigError(f"{NAMESPACE}:aliases: expected a list of aliases")
     try:
-        catalog = parse_catalog({"models": catalog_data}, where=f"{NAMESPACE}:models")
+        catalog = parse_catalog(
+            {"models": catalog_data, "aliases": aliases_data or []}, where=f"{NAMESPACE}:models"
+        )
     except CatalogError as exc:
         raise ConfigError(str(exc)) from None
     models = []
@@ -464,7 +470,7 @@ def load() -> Settings:
             f"stack name {stack!r}: 3-20 lowercase letters, digits and '-' (it prefixes AWS names)"
         )
     tier = Tier(_choice(f"{NAMESPACE}:tier", cfg.get("tier") or "staging", list(Tier)))
-    models, catalog = _models(cfg.get_object("models"))
+    models, catalog = _models(cfg.get_object("models"), cfg.get_object("aliases"))
     prometheus = cfg.get("prometheusUrl") or "http://prometheus-server.monitoring.svc.cluster.local"
     if not prometheus.startswith(("http://", "https://")):
         raise ConfigError(f"{NAMESPACE}:prometheusUrl: expected an http(s) URL")

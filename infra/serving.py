@@ -216,7 +216,8 @@ def render_gateway_catalog(
                     "endpoints": [predictor_url(f"{entry['name']}-canary", namespace)],
                 }
         out.append(entry)
-    return {"models": out}
+    # Aliases (weighted splits, guarded canaries) are the gateway's own: passed as they are.
+    return {"models": out, "aliases": list(catalog.get("aliases", []))}
 
 
 @dataclass

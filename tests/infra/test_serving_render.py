@@ -61,3 +61,41 @@ def test_gateway_splits_standard_canaries_itself() -> None:
     assert entry["endpoints"] == [predictor_url("chat-large", NS)]
     assert entry["canary"]["endpoints"] == [predictor_url("chat-large-canary", NS)]
     assert parse_catalog(rendered).models[0].canary is not None
+
+
+def test_aliases_in_stack_config_reach_the_gateway_catalogue() -> None:
+    from infra.config import _models
+
+    second = {**ENTRY, "name": "chat-large-v2", "revision": "ccc"}
+    second.pop("canary")
+    models, data = _models(
+        [ENTRY, second],
+        [
+            {
+                "name": "chat",
+                "sticky": True,
+                "targets": [
+                    {"model": "chat-large", "weight": 95},
+                    {"model": "chat-large-v2", "weight": 5},
+                ],
+            }
+        ],
+    )
+    rendered = render_gateway_catalog(data, models, NS)
+    alias = parse_catalog(rendered).alias("chat")
+    assert alias is not None
+    assert [(t.model, t.weight) for t in alias.targets] == [
+        ("chat-large", 95),
+        ("chat-large-v2", 5),
+    ]
+
+
+def test_bad_aliases_in_stack_config_fail_early() -> None:
+    import pytest
+
+    from infra.config import ConfigError, _models
+
+    with pytest.raises(ConfigError, match="expected a list of aliases"):
+        _models([ENTRY], {"chat": "chat-large"})
+    with pytest.raises(ConfigError, match="alias 'chat' targets unknown model 'nope'"):
+        _models([ENTRY], [{"name": "chat", "targets": [{"model": "nope", "weight": 1}]}])
