@@ -31,6 +31,7 @@ from app.limits.limiter import Limiter
 from app.limits.peers import PeerCount
 from app.metrics import GatewayMetrics
 from app.proxy.relay import Proxy
+from app.redis_batch import PipelineBatcher
 from app.routing.pool import Router
 from app.services import Services
 from app.settings import Settings
@@ -66,6 +67,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     tasks = TaskSet()
     keys = KeyStore(redis)
     peers = PeerCount(redis, minimum=settings.gateway_replicas)
+    batcher = PipelineBatcher(redis)  # limiter decisions and accounting share round trips
     limiter = Limiter(
         redis,
         keys,
@@ -74,10 +76,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.ratelimit_failure_mode,
         settings.limiter_timeout_s,
         settings.key_cache_ttl_s,
+        batcher,
     )
     spool = Spool(settings.spool_dir)
     replayer = SpoolReplayer(spool, redis)
-    accounting = Accounting(metrics, redis, limiter, spool)
+    accounting = Accounting(metrics, batcher, limiter, spool)
     app.state.services = Services(
         settings=settings,
         redis=redis,

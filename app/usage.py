@@ -14,7 +14,6 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from app.auth.keys import KeyRecord
@@ -22,6 +21,7 @@ from app.billing.record import STREAM, Spool, usage_event
 from app.catalog import ModelSpec
 from app.limits.limiter import Admission, Limiter
 from app.metrics import GatewayMetrics
+from app.redis_batch import Command, PipelineBatcher
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,10 @@ class Accounting:
     cannot take the event, it goes to the local spool: no usage is ever dropped."""
 
     def __init__(
-        self, metrics: GatewayMetrics, redis: Redis, limiter: Limiter, spool: Spool
+        self, metrics: GatewayMetrics, batcher: PipelineBatcher, limiter: Limiter, spool: Spool
     ) -> None:
         self._metrics = metrics
-        self._redis = redis
+        self._batcher = batcher
         self._limiter = limiter
         self._spool = spool
 
@@ -113,20 +113,23 @@ class Accounting:
         if self._limiter.breaker.open:
             self._degraded(call, usage, event)
             return
-        pipe = self._redis.pipeline(transaction=False)
+        commands: list[Command] = []
         if admission is not None and settle:
             if admission.mode == "redis":
-                self._limiter.settle_into(
-                    pipe, admission, usage.prompt_tokens, usage.completion_tokens
+                command = self._limiter.settle_command(
+                    admission, usage.prompt_tokens, usage.completion_tokens
                 )
+                if command is not None:
+                    commands.append(command)
             else:
                 self._limiter.settle_local(admission, usage.prompt_tokens, usage.completion_tokens)
         if event is not None:
-            pipe.xadd(STREAM, event)  # type: ignore[arg-type]
-        if not len(pipe):
+            commands.append(("XADD", STREAM, "*", *(x for kv in event.items() for x in kv)))
+        if not commands:
             return
         try:
-            results = await pipe.execute(raise_on_error=False)
+            # Shared with other requests finishing in the same loop turn: one round trip.
+            results = await self._batcher.submit(commands)
         except (RedisError, OSError) as exc:
             log.warning(
                 "accounting: redis unavailable for %s (%s)", call.request_id, type(exc).__name__
@@ -135,11 +138,10 @@ class Accounting:
             return
         if event is not None and isinstance(results[-1], Exception):
             self._spool_event(event)
-        if any(isinstance(r, NoScriptError) for r in results) and admission is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._limiter.settle_again(
-                    admission, usage.prompt_tokens, usage.completion_tokens
-                )
+        for command, result in zip(commands, results, strict=True):
+            if isinstance(result, NoScriptError):
+                with contextlib.suppress(RedisError, OSError):
+                    await self._limiter.run_again(command)
 
     def _degraded(self, call: Call, usage: Usage, event: dict[str, str] | None) -> None:
         if call.admission is not None and not call.admission.settled:

@@ -18,20 +18,19 @@ from importlib import resources
 from typing import Literal
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from app.auth.keys import KeyRecord, KeyStore, Limits
 from app.catalog import ModelSpec
 from app.errors import APIError, unavailable
-from app.limits.batch import ScriptBatcher
 from app.limits.breaker import CircuitBreaker
 from app.limits.budgets import Budget, budgets_for, learned_key, lease_key
 from app.limits.gcra import LocalLimiter, Verdict
 from app.limits.headers import duration, ratelimit_headers
 from app.limits.peers import PeerCount
 from app.metrics import GatewayMetrics
+from app.redis_batch import Command, PipelineBatcher
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +87,7 @@ class Limiter:
         failure_mode: Literal["fail_open", "fail_closed"],
         timeout_s: float,
         cache_ttl_s: float,
+        batcher: PipelineBatcher | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -98,7 +98,7 @@ class Limiter:
         self._cache_ttl = cache_ttl_s
         self._admit: AsyncScript = redis.register_script(_lua("admit.lua"))
         self._settle: AsyncScript = redis.register_script(_lua("settle.lua"))
-        self._batcher = ScriptBatcher(redis)
+        self._batcher = batcher or PipelineBatcher(redis)
         self._local = LocalLimiter()
         self._customers: dict[str, tuple[float, Limits | None]] = {}
         self.breaker = CircuitBreaker(
@@ -158,8 +158,14 @@ class Limiter:
         for b in budgets:
             argv += [b.limit, b.period_ms, int(b.tokens)]
         keys = [learned_key(key, spec.name), lease_key(key), *(b.key for b in budgets)]
+        command = ("EVALSHA", self._admit.sha, len(keys), *keys, *argv)
         async with asyncio.timeout(self._timeout):
-            raw = await self._batcher.call(self._admit, keys, argv)
+            (raw,) = await self._batcher.submit([command])
+            if isinstance(raw, NoScriptError):
+                await self._redis.script_load(self._admit.script)
+                (raw,) = await self._batcher.submit([command])
+        if isinstance(raw, Exception):
+            raise raw
         self.breaker.success()
         allowed, reserved, conc_ok, _learned = (int(x) for x in raw[:4])
         verdicts = [
@@ -235,16 +241,14 @@ class Limiter:
 
     # -- settlement -------------------------------------------------------------------------
 
-    def settle_into(
-        self, pipe: Pipeline, admission: Admission, prompt: int, completion: int
-    ) -> None:
-        """Queue the correction of the reservation on ``pipe`` (sent with the usage record)."""
+    def settle_command(self, admission: Admission, prompt: int, completion: int) -> Command | None:
+        """The EVALSHA that corrects the reservation (sent with the usage record), if any."""
         admission.settled = True
         token_budgets = [b for b in admission.budgets if b.tokens]
         if admission.mode != "redis" or (
             not token_budgets and admission.key.max_concurrent is None and not admission.learn
         ):
-            return
+            return None
         delta = prompt + completion - admission.reserved
         per_choice = completion / max(1, admission.n)
         argv: list[int | float | str] = [
@@ -262,18 +266,14 @@ class Limiter:
             lease_key(admission.key),
             *(b.key for b in token_budgets),
         ]
-        pipe.evalsha(self._settle.sha, len(keys), *keys, *argv)
+        return ("EVALSHA", self._settle.sha, len(keys), *keys, *argv)
 
-    async def reload_settle(self) -> None:
-        """Load settle.lua again (Redis restarted and lost its script cache)."""
-        await self._redis.script_load(self._settle.script)
-
-    async def settle_again(self, admission: Admission, prompt: int, completion: int) -> None:
-        """Retry a settlement whose pipelined EVALSHA met NOSCRIPT."""
-        await self.reload_settle()
-        pipe = self._redis.pipeline(transaction=False)
-        self.settle_into(pipe, admission, prompt, completion)
-        await pipe.execute()
+    async def run_again(self, command: Command) -> None:
+        """Retry a script command that met NOSCRIPT (Redis restarted and lost its scripts)."""
+        for script in (self._settle, self._admit):
+            if command[1] == script.sha:
+                await self._redis.script_load(script.script)
+        await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
 
     def settle_local(self, admission: Admission, prompt: int, completion: int) -> None:
         admission.settled = True
