@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -53,6 +53,19 @@ _NO_CHAT_TEMPLATE = (
     "As of transformers v4.44, default chat template is no longer allowed, so you must "
     "provide a chat template if the tokenizer does not define one."
 )
+
+
+def _ttft_s(config: SimulatorConfig, prompt_tokens: int) -> float:
+    """Time to first token once a request has its slot (queueing comes on top)."""
+    return (config.ttft_ms + config.prefill_ms_per_token * prompt_tokens) / 1000.0
+
+
+class _Schedule(NamedTuple):
+    t_first: float  # loop time of the first token
+    interval: float  # seconds between tokens of one sequence
+    total: int  # tokens over all choices
+    steps: int  # tokens of the longest choice
+    budget: int | None  # fail_after_tokens when it cuts this answer short
 
 
 class SimulatedDrop(Exception):
@@ -325,12 +338,28 @@ class SimulatorApp:
             elif place is not None:
                 engine.abandon(place)
 
-    def _timing(
-        self, config: SimulatorConfig, prompt_tokens: int, now: float
-    ) -> tuple[float, float]:
-        ttft = (config.ttft_ms + config.prefill_ms_per_token * prompt_tokens) / 1000.0
+    @staticmethod
+    def _schedule(
+        req: GenerateRequest,
+        plans: list[ChoicePlan],
+        config: SimulatorConfig,
+        active: ActiveRequest,
+        now: float,
+    ) -> _Schedule:
+        """When each token is due, for a request that just got its slot (shared by both
+        response shapes, so streamed and whole answers take the same time)."""
+        ttft = _ttft_s(config, req.prompt_tokens)
         interval = 1.0 / config.tokens_per_s if config.tokens_per_s > 0 else 0.0
-        return now + ttft, interval
+        total = sum(p.tokens for p in plans)
+        active.schedule(now + ttft, interval, total)
+        budget = config.fail_after_tokens
+        return _Schedule(
+            now + ttft,
+            interval,
+            total,
+            max(p.tokens for p in plans),
+            budget if budget is not None and budget < total else None,
+        )
 
     async def _stream(
         self,
@@ -344,13 +373,9 @@ class SimulatorApp:
     ) -> None:
         engine, metrics = self.engine, self.engine.metrics
         loop = asyncio.get_running_loop()
-        t_first, interval = self._timing(config, req.prompt_tokens, loop.time())
-        total = sum(p.tokens for p in plans)
-        steps = max(p.tokens for p in plans)
-        active.schedule(t_first, interval, total)
-        budget = config.fail_after_tokens
-        if budget is not None and budget >= total:
-            budget = None
+        t_first, interval, total, steps, budget = self._schedule(
+            req, plans, config, active, loop.time()
+        )
         chat = req.endpoint == "chat"
         events = StreamEvents(
             chat, request_id("chatcmpl" if chat else "cmpl"), now_s(), config.model
@@ -401,12 +426,10 @@ class SimulatorApp:
     ) -> None:
         engine, metrics = self.engine, self.engine.metrics
         loop = asyncio.get_running_loop()
-        t_first, interval = self._timing(config, req.prompt_tokens, loop.time())
-        total = sum(p.tokens for p in plans)
-        steps = max(p.tokens for p in plans)
-        active.schedule(t_first, interval, total)
-        budget = config.fail_after_tokens
-        if budget is not None and budget < total:
+        t_first, interval, total, steps, budget = self._schedule(
+            req, plans, config, active, loop.time()
+        )
+        if budget is not None:
             # Cut after `budget` tokens: wait until they exist, send headers, drop the body.
             await self._sleep_until(t_first + max(0, budget - 1) * interval, watch)
             engine.add_tokens(budget)
@@ -457,7 +480,7 @@ class SimulatorApp:
         active = ActiveRequest(req.prompt_tokens, streaming=False)
 
         async def work(watch: DisconnectWatch) -> None:
-            done_at, _ = self._timing(config, req.prompt_tokens, loop.time())
+            done_at = loop.time() + _ttft_s(config, req.prompt_tokens)
             await self._sleep_until(done_at, watch)
             watch.close()
             dim = req.dimensions or config.embedding_dim
