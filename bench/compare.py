@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from app.bench.client import LoadSpec, run_load  # noqa: E402
 from app.local.procs import Child, free_port, http_ok, spawn, wait_until  # noqa: E402
-from bench.overhead import RESULTS, create_key, start_stack  # noqa: E402
+from bench.overhead import RESULTS, create_key, machine, start_stack  # noqa: E402
 
 LITELLM_VENV = REPO / ".bench" / "litellm-venv"
 
@@ -256,7 +256,7 @@ def main() -> int:
     out = {
         "benchmark": "direct vs switchyard vs litellm",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cpus": os.cpu_count(),
+        "machine": machine(),
         "engine": "simulator, ttft 5 ms, 1000 tokens/s, 16 tokens",
         "summary": summary,
         "rows": rows,

@@ -36,7 +36,7 @@ from app.limits.peers import PeerCount  # noqa: E402
 from app.metrics import GatewayMetrics  # noqa: E402
 from app.server import redis_client  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.overhead import RESULTS, create_key, start_stack  # noqa: E402
+from bench.overhead import RESULTS, create_key, machine, start_stack  # noqa: E402
 
 
 async def limiter_alone(redis_url: str, seconds: float, workers: int) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def main() -> int:
     out = {
         "benchmark": "rate limiter cost",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cpus": os.cpu_count(),
+        "machine": machine(),
         "targets": {"decisions_per_s": 5000, "added_p50_ms": 0.3},
         "limiter_alone": alone,
         "through_gateway": rows,

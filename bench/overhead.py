@@ -39,6 +39,15 @@ RESULTS = REPO / "bench" / "results"
 CASES = [(False, 1), (False, 32), (True, 1), (True, 32)]
 
 
+def machine() -> dict[str, Any]:
+    """Where a result was measured (results are compared within one run, never across)."""
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
 def create_key(*options: str) -> str:
     """A key made the way an operator would (SWITCHYARD_REDIS_URL set by start_stack)."""
     out = io.StringIO()
@@ -220,11 +229,7 @@ def main() -> int:
     result = {
         "benchmark": "gateway overhead vs direct simulator",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "load": {
             "rounds": args.rounds,
             "max_tokens": args.max_tokens,

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -48,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from app.bench.client import LoadSpec, _one, percentiles  # noqa: E402
 from app.local.procs import Child, free_port, http_ok, port_open, spawn, wait_until  # noqa: E402
-from bench.overhead import create_key  # noqa: E402
+from bench.overhead import create_key, machine  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 STRATEGIES = ("round_robin", "least_outstanding", "queue_aware", "prefix_aware")
@@ -354,11 +353,7 @@ def main() -> int:
     result = {
         "benchmark": "routing strategies on heterogeneous replicas",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "load": {
             "requests_per_run": args.requests,
             "concurrency": CONCURRENCY,
