@@ -19,8 +19,9 @@ Command = tuple[Any, ...]  # ("EVALSHA", sha, numkeys, *keys, *args), ("XADD", s
 
 
 class PipelineBatcher:
-    def __init__(self, redis: Redis, max_commands: int = 512) -> None:
+    def __init__(self, redis: Redis, max_commands: int = 512, delay_s: float = 0.0) -> None:
         self._redis = redis
+        self._delay = delay_s
         self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
         self._queued = 0
         self._max = max_commands
@@ -35,7 +36,10 @@ class PipelineBatcher:
             self._flush()
         elif not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._flush)
+            if self._delay:
+                loop.call_later(self._delay, self._flush)
+            else:
+                loop.call_soon(self._flush)
         return fut
 
     def _flush(self) -> None:
