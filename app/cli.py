@@ -333,7 +333,7 @@ def cmd_pool(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from app.bench.client import main as bench
+    from app.bench.command import main as bench
 
     return bench(args)
 
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--json", action="store_true")
     ml.set_defaults(fn=cmd_models_list)
 
-    from app.bench.client import add_arguments
+    from app.bench.command import add_arguments
 
     pool = sub.add_parser("pool", help="a gateway's replicas, health, load and traffic weights")
     pool.add_argument("--url", default="http://127.0.0.1:8000", help="gateway base URL")

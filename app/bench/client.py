@@ -1,5 +1,7 @@
-"""Closed-loop load generator for any OpenAI-compatible base URL (gateway, engine, or a
-deployed environment): fixed concurrency, fixed request count, latency / TTFT percentiles.
+"""The small closed-loop API the benchmark scripts in bench/ use: fixed concurrency, fixed
+request count, latency / TTFT percentiles. Kept as it is so that their results stay comparable
+with earlier ones; ``switchyard bench`` and the open loop live in load.py (engines),
+workload.py, stats.py, report.py and progress.py.
 
 Raw aiohttp rather than the ``openai`` client: on a small machine the client's own CPU cost
 would otherwise dominate what is being measured.
@@ -7,17 +9,18 @@ would otherwise dominate what is being measured.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
+
+from app.bench.stats import percentiles
+
+__all__ = ["LoadResult", "LoadSpec", "percentiles", "run_load"]
 
 
 @dataclass(frozen=True)
@@ -45,23 +48,6 @@ class LoadResult:
     completion_tokens: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
     ttft_ms: dict[str, float] = field(default_factory=dict)
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    if not samples:
-        return {}
-    s = sorted(samples)
-
-    def q(p: float) -> float:
-        return round(s[min(len(s) - 1, int(p * len(s)))] * 1000, 3)
-
-    return {
-        "p50": q(0.50),
-        "p90": q(0.90),
-        "p99": q(0.99),
-        "mean": round(statistics.fmean(s) * 1000, 3),
-        "max": round(s[-1] * 1000, 3),
-    }
 
 
 async def _one(
@@ -143,33 +129,3 @@ async def run_load(spec: LoadSpec) -> LoadResult:
     result.latency_ms = percentiles(latencies)
     result.ttft_ms = percentiles(ttfts)
     return result
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="OpenAI base URL")
-    p.add_argument("--key", default="none", help="API key (default: none)")
-    p.add_argument("--model", default="chat-small")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--requests", type=int, default=500)
-    p.add_argument("--stream", action="store_true")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--output", default=None, help="write the result as JSON to this file")
-
-
-def main(args: argparse.Namespace) -> int:
-    spec = LoadSpec(
-        base_url=args.url.rstrip("/"),
-        model=args.model,
-        api_key=args.key,
-        concurrency=args.concurrency,
-        requests=args.requests,
-        stream=args.stream,
-        max_tokens=args.max_tokens,
-    )
-    result = asyncio.run(run_load(spec))
-    text = json.dumps(asdict(result), indent=2)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    print(text)
-    return 0 if result.ok else 1
