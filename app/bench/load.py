@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -239,9 +239,10 @@ async def run(plan: LoadPlan, live: Live | None = None) -> RunResult:
     return result
 
 
-def run_sync(
-    plan: LoadPlan, live: Live | None = None, *, side: Callable[[], Any] | None = None
-) -> RunResult:
+Side = Callable[[], Coroutine[Any, Any, None]]
+
+
+def run_sync(plan: LoadPlan, live: Live | None = None, *, side: Side | None = None) -> RunResult:
     """``run`` on a fresh event loop (uvloop when installed: less client CPU per request).
 
     ``side`` is an optional coroutine factory run alongside (a progress display); it is

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import TextIO
+from collections.abc import Callable, Coroutine
+from typing import Any, TextIO
 
 from app.bench.load import Live
 
 MODES = ("auto", "rich", "plain", "none")
+PLAIN_EVERY_S = 2.0
 
 
 def _line(live: Live) -> str:
@@ -67,14 +68,20 @@ async def _rich(live: Live) -> None:
 
 def display(
     mode: str, live: Live, out: TextIO | None = None
-) -> Callable[[], Awaitable[None]] | None:
+) -> Callable[[], Coroutine[Any, Any, None]] | None:
     """A coroutine factory drawing ``live``, for ``load.run_sync(side=...)``; None for no
     display. ``auto`` is rich when stderr is a terminal, plain lines otherwise."""
     out = out or sys.stderr
-    if mode == "auto":
-        mode = "rich" if out.isatty() else "plain"
+    mode = choose(mode, out)
     if mode == "rich":
         return lambda: _rich(live)
     if mode == "plain":
-        return lambda: _plain(live, out, 2.0)
+        return lambda: _plain(live, out, PLAIN_EVERY_S)
     return None
+
+
+def choose(mode: str, out: TextIO) -> str:
+    """``auto`` resolved: a live bar only where someone watches (a terminal)."""
+    if mode == "auto":
+        return "rich" if out.isatty() else "plain"
+    return mode
