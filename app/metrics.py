@@ -98,6 +98,19 @@ class GatewayMetrics:
             "1 while the limiter skips an unreachable Redis (fail-open or fail-closed applies).",
             registry=r,
         )
+        self.overlapped = Counter(
+            "switchyard_ratelimit_overlapped",
+            "Requests sent upstream while their rate-limit decision was still pending.",
+            ["model"],
+            registry=r,
+        )
+        self.overlap_refused = Counter(
+            "switchyard_ratelimit_overlap_refused",
+            "Requests sent upstream while their rate-limit decision was pending, then refused "
+            "(the engine may have started them; the client got a 429 and was not billed).",
+            ["model"],
+            registry=r,
+        )
         self.estimate_ratio = Histogram(
             "switchyard_completion_estimate_ratio",
             "Real completion tokens / tokens reserved for the completion up front.",

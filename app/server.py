@@ -77,6 +77,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.limiter_timeout_s,
         settings.key_cache_ttl_s,
         batcher,
+        overlap=settings.limiter_overlap,
     )
     spool = Spool(settings.spool_dir)
     replayer = SpoolReplayer(spool, redis)

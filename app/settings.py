@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         "fail_open", description="What happens while Redis is unreachable"
     )
     limiter_timeout_s: float = Field(0.25, gt=0, le=5)
+    limiter_overlap: bool = Field(
+        True,
+        description="Send a request upstream while its rate-limit decision is pending when the "
+        "key's budgets have ample headroom (the decision still rules; saves a Redis round trip "
+        "of latency)",
+    )
     gateway_replicas: int = Field(
         1, ge=1, description="Floor of the replica count used for fail-open fair shares"
     )

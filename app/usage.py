@@ -52,6 +52,22 @@ class Call:
     started: float
     admission: Admission | None = None
     accounted: bool = False
+    # Set instead of ``admission`` while the limiter's decision is still on its way (overlap).
+    decision: asyncio.Task[Admission] | None = None
+
+    async def decided(self) -> bool:
+        """Wait for an overlapped decision; False if the request was refused (never served).
+
+        ``asyncio.wait`` rather than ``await``: cancelling the waiter must not cancel the
+        decision, whose reservation has to be settled either way."""
+        decision = self.decision
+        if decision is not None and self.admission is None:
+            if not decision.done():
+                await asyncio.wait((decision,))
+            if decision.cancelled() or decision.exception() is not None:
+                return False
+            self.admission = decision.result()
+        return True
 
 
 class TaskSet:
@@ -90,6 +106,11 @@ class Accounting:
 
     async def finish(self, call: Call, usage: Usage) -> None:
         model = call.spec.name
+        if not await call.decided():
+            # Sent upstream ahead of a decision that then refused it: the client got a 429,
+            # no budget was consumed, and nothing is billed.
+            self._metrics.overlap_refused.labels(model).inc()
+            return
         self._metrics.latency.labels(model, call.endpoint).observe(
             time.perf_counter() - call.started
         )

@@ -5,7 +5,10 @@ request through the gateway.
    budgets) in a loop against a real redis-server, 16 coroutines in one process.
 2. Through the gateway: the same requests with a key that has limits (admit + settle in
    Redis) and with an unlimited key (the limiter makes no Redis call), interleaved in one run,
-   at concurrency 1 and 8.
+   at concurrency 1 and 8. The limited key is measured twice: on the default gateway, where a
+   key with ample headroom goes upstream while its decision is on the way (overlap), and on a
+   second gateway process with ``SWITCHYARD_LIMITER_OVERLAP=false``, where every request waits
+   for its decision.
 
 Writes bench/results/limits.json. Targets: >= 5,000 decisions/s per gateway process,
 <= 0.3 ms added at p50.
@@ -36,7 +39,13 @@ from app.limits.peers import PeerCount  # noqa: E402
 from app.metrics import GatewayMetrics  # noqa: E402
 from app.server import redis_client  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.overhead import RESULTS, create_key, machine, start_stack  # noqa: E402
+from bench.overhead import (  # noqa: E402
+    RESULTS,
+    create_key,
+    machine,
+    start_gateway,
+    start_stack,
+)
 
 
 async def limiter_alone(redis_url: str, seconds: float, workers: int) -> dict[str, Any]:
@@ -81,13 +90,14 @@ async def limiter_alone(redis_url: str, seconds: float, workers: int) -> dict[st
 
 
 async def through_gateway(
-    gateway: str, requests: int, rounds: int, limited: str, unlimited: str
+    sides: dict[str, tuple[str, str]], requests: int, rounds: int
 ) -> list[dict[str, Any]]:
+    """``sides``: name -> (gateway URL, key); each round runs every side once, in turn."""
     rows = []
     for concurrency in (1, 8):
-        sides: dict[str, list[float]] = {"limited": [], "unlimited": []}
+        p50s: dict[str, list[float]] = {side: [] for side in sides}
         for _ in range(rounds):
-            for side, key in (("unlimited", unlimited), ("limited", limited)):
+            for side, (gateway, key) in sides.items():
                 spec = LoadSpec(
                     base_url=f"{gateway}/v1",
                     model="chat-small",
@@ -99,16 +109,19 @@ async def through_gateway(
                 )
                 result = await run_load(spec)
                 assert result.ok == requests, result.errors
-                sides[side].append(result.latency_ms["p50"])
-        med = {k: sorted(v)[len(v) // 2] for k, v in sides.items()}
-        rows.append(
-            {
-                "concurrency": concurrency,
-                "p50_ms": med,
-                "added_p50_ms": round(med["limited"] - med["unlimited"], 3),
-            }
+                p50s[side].append(result.latency_ms["p50"])
+        med = {k: sorted(v)[len(v) // 2] for k, v in p50s.items()}
+        row: dict[str, Any] = {"concurrency": concurrency, "p50_ms": med}
+        for side in sides:
+            if side != "unlimited":
+                row[f"added_p50_ms_{side}"] = round(med[side] - med["unlimited"], 3)
+        row["added_p50_ms"] = row["added_p50_ms_limited"]
+        rows.append(row)
+        print(
+            f"c={concurrency}: limiter adds {row['added_p50_ms']:.3f} ms at p50 "
+            f"({row['added_p50_ms_limited_no_overlap']:.3f} ms without overlap)",
+            flush=True,
         )
-        print(f"c={concurrency}: limiter adds {rows[-1]['added_p50_ms']:.3f} ms at p50", flush=True)
     return rows
 
 
@@ -130,10 +143,17 @@ def main() -> int:
                 f"(p50 {alone['latency_ms']['p50']} ms)",
                 flush=True,
             )
-            limited = create_key("--rpm", str(10**9), "--tpm", str(10**12))
-            rows = asyncio.run(
-                through_gateway(gateway, args.requests, args.rounds, limited, create_key())
+            no_overlap, no_overlap_url = start_gateway(
+                Path(tmp), "gateway-no-overlap", limiter_overlap="false"
             )
+            children.append(no_overlap)
+            limited = create_key("--rpm", str(10**9), "--tpm", str(10**12))
+            sides = {
+                "unlimited": (gateway, create_key()),
+                "limited": (gateway, limited),
+                "limited_no_overlap": (no_overlap_url, limited),
+            }
+            rows = asyncio.run(through_gateway(sides, args.requests, args.rounds))
         finally:
             for c in reversed(children):
                 c.stop()
@@ -145,6 +165,11 @@ def main() -> int:
         "limiter_alone": alone,
         "through_gateway": rows,
         "engine": "simulator with ttft 0 and no decode delay, max_tokens 1",
+        "sides": {
+            "unlimited": "key without limits: the limiter makes no Redis call",
+            "limited": "key with limits, default gateway (overlap on: ample headroom)",
+            "limited_no_overlap": "same key, gateway with SWITCHYARD_LIMITER_OVERLAP=false",
+        },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "limits.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -63,7 +63,7 @@ def start_stack(
     """redis-server, one simulator, one gateway; returns (children, direct, gateway, key)."""
     children: list[Child] = []
     logs = work / "logs"
-    redis_port, sim_port, gw_port = free_port(), free_port(), free_port()
+    redis_port, sim_port = free_port(), free_port()
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
         raise SystemExit("redis-server is needed (./dev test installs it)")
@@ -96,21 +96,30 @@ def start_stack(
     wait_until(lambda: http_ok(f"{direct}/health"), sim)
     catalog = work / "catalog.yaml"
     catalog.write_text(yaml.safe_dump({"models": [{"name": "chat-small", "endpoints": [direct]}]}))
+    os.environ["SWITCHYARD_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    gw, gateway = start_gateway(work, "gateway")
+    children.append(gw)
+    return children, direct, gateway, create_key()
+
+
+def start_gateway(work: Path, name: str, **settings: str) -> tuple[Child, str]:
+    """A gateway process on the stack of ``start_stack`` (its Redis and catalogue), with
+    extra SWITCHYARD_* settings; returns it and its URL."""
+    port = free_port()
     env = {
-        "SWITCHYARD_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "SWITCHYARD_CATALOG": str(catalog),
-        "SWITCHYARD_PORT": str(gw_port),
+        "SWITCHYARD_REDIS_URL": os.environ["SWITCHYARD_REDIS_URL"],
+        "SWITCHYARD_CATALOG": str(work / "catalog.yaml"),
+        "SWITCHYARD_PORT": str(port),
         "SWITCHYARD_LOG_LEVEL": "warning",
+        **{f"SWITCHYARD_{k.upper()}": v for k, v in settings.items()},
     }
     workers = os.environ.get("BENCH_GATEWAY_WORKERS", "1")
-    gw = spawn(
-        "gateway", [sys.executable, "-m", "app.cli", "gateway", "--workers", workers], logs, env
+    child = spawn(
+        name, [sys.executable, "-m", "app.cli", "gateway", "--workers", workers], work / "logs", env
     )
-    children.append(gw)
-    gateway = f"http://127.0.0.1:{gw_port}"
-    wait_until(lambda: http_ok(f"{gateway}/readyz"), gw)
-    os.environ["SWITCHYARD_REDIS_URL"] = env["SWITCHYARD_REDIS_URL"]
-    return children, direct, gateway, create_key()
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_ok(f"{url}/readyz"), child)
+    return child, url
 
 
 def merge(results: list[LoadResult]) -> dict[str, Any]:

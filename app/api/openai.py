@@ -11,7 +11,8 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Annotated, Any
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request
@@ -31,7 +32,7 @@ from app.errors import (
     too_large,
     unprocessable,
 )
-from app.limits.limiter import Demand
+from app.limits.limiter import Admission, Demand
 from app.proxy.relay import StreamRelay
 from app.routing.pool import Route
 from app.routing.strategies import RequestInfo
@@ -61,6 +62,7 @@ COMPLETIONS_DEFAULT = 16  # max_tokens of /v1/completions when absent (OpenAI, v
 _ARTICLE = {ModelKind.chat: "a", ModelKind.completion: "a", ModelKind.embedding: "an"}
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+_T = TypeVar("_T")
 
 
 async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
@@ -215,31 +217,37 @@ class ProxyEndpoints:
         options = getattr(parsed, "stream_options", None)
         request_id = f"req_{uuid.uuid4().hex}"
         prompt_estimate = estimate_prompt_tokens(payload)
-        admission = await svc.limiter.admit(
-            key, spec, demand(parsed, spec, prompt_estimate), request_id
-        )
-        state.headers = admission.headers
+        limiter = svc.limiter
+        admit = limiter.admit(key, spec, demand(parsed, spec, prompt_estimate), request_id)
         call = Call(
             request_id=request_id,
             key=key,
             spec=spec,
             endpoint=endpoint,
-            body=upstream_body(payload, spec, stream),
+            body=b"",
             stream=stream,
             client_wants_usage=bool(options and options.include_usage),
             prompt_estimate=prompt_estimate,
             started=state.started,
-            admission=admission,
         )
+        if limiter.may_overlap(key):
+            call.decision = asyncio.get_running_loop().create_task(admit)
+            svc.metrics.overlapped.labels(spec.name).inc()
+        else:
+            call.admission = await admit
+            state.headers = call.admission.headers
+        call.body = upstream_body(payload, spec, stream)
         inflight = svc.metrics.inflight.labels(spec.name)
         inflight.inc()
         watcher = _DisconnectWatcher(receive)
         try:
             if stream:
-                relay = await svc.proxy.stream(call, route)
+                relay = await _once_admitted(call, svc.proxy.stream(call, route))
+                state.headers = call.admission.headers  # type: ignore[union-attr]
                 await _send_stream(state, call, relay, send, watcher)
             else:
-                body = await svc.proxy.complete(call, route)
+                body = await _once_admitted(call, svc.proxy.complete(call, route))
+                state.headers = call.admission.headers  # type: ignore[union-attr]
                 state.status = 200
                 watcher.done = True
                 await _send_whole(send, 200, body, call.request_id, state.headers)
@@ -254,6 +262,45 @@ class ProxyEndpoints:
             inflight.dec()
             if not call.accounted:  # failed before any answer: give the reservation back
                 svc.proxy.account(call, Usage(0, 0, "estimated"))
+
+
+async def _once_admitted(call: Call, work: Coroutine[Any, Any, _T]) -> _T:
+    """``work`` (the upstream call), released to the client only once the limiter admitted it.
+
+    With an overlapped decision (``Call.decision``) the upstream call runs while the decision
+    is on its way; a refusal cancels it (which closes the upstream connection, so the engine
+    stops) and raises the 429. Inline rather than in a task of its own: it is the hot path."""
+    decision = call.decision
+    if decision is None:
+        return await work
+    owner = asyncio.current_task()
+    assert owner is not None
+    waiting = True
+
+    def on_decision(task: asyncio.Task[Admission]) -> None:
+        if waiting and (task.cancelled() or task.exception() is not None):
+            owner.cancel()
+
+    decision.add_done_callback(on_decision)
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        if not decision.done() or await call.decided():
+            raise  # the client went away, not a refusal
+        owner.uncancel()
+        decision.result()  # raises the refusal (429, or 503 when failing closed)
+        raise
+    except Exception:
+        if not await call.decided():  # a refusal outranks an upstream error
+            decision.result()
+        raise
+    finally:
+        waiting = False
+    if not await call.decided():
+        if isinstance(result, StreamRelay):
+            result.finish()  # a primed stream holds a connection; its usage is not billed
+        decision.result()
+    return result
 
 
 class _Exchange:

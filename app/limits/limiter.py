@@ -5,6 +5,11 @@ estimate; one more (settle.lua, pipelined with the usage record) corrects the re
 the real usage. When Redis is unreachable the circuit breaker skips it and the configured
 mode applies: ``fail_open`` limits each process locally to its fair share, ``fail_closed``
 answers 503.
+
+Overlap: when the last decision for a key on this process left ample headroom in every budget,
+the gateway may send the request upstream while the decision is still on its way (see
+``may_overlap``). The decision still rules: a refused request is cancelled before the client sees
+a byte and consumes no budget; only the engine may have started work on it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,13 @@ Mode = Literal["redis", "local", "off"]
 LEARN_WEIGHT = 0.2  # EWMA weight of each new sample: about the last ten requests matter
 LEARN_TTL_S = 7 * 86400
 LEASE_MS = 15 * 60 * 1000  # a concurrency slot of a crashed gateway frees itself after this
+# Overlap only while every budget kept this share of its limit after the last decision on this
+# process (and at least HEADROOM_REQUESTS requests / twice the request's tokens), for at most
+# HEADROOM_TTL_S: other replicas would have to spend that much within a second to make a
+# speculatively sent request a refused one.
+HEADROOM_SHARE = 0.1
+HEADROOM_REQUESTS = 3
+HEADROOM_TTL_S = 1.0
 
 
 def _lua(name: str) -> str:
@@ -88,6 +100,7 @@ class Limiter:
         timeout_s: float,
         cache_ttl_s: float,
         batcher: PipelineBatcher | None = None,
+        overlap: bool = False,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -101,11 +114,36 @@ class Limiter:
         self._batcher = batcher or PipelineBatcher(redis)
         self._local = LocalLimiter()
         self._customers: dict[str, tuple[float, Limits | None]] = {}
+        self._overlap = overlap
+        self._headroom: dict[str, float] = {}  # key id -> until when overlapping is safe
         self.breaker = CircuitBreaker(
             "limiter", on_change=lambda is_open: metrics.limiter_circuit_open.set(int(is_open))
         )
 
     # -- admission ---------------------------------------------------------------------------
+
+    def may_overlap(self, key: KeyRecord) -> bool:
+        """Whether this key's request may go upstream before its decision is back: only when
+        the previous Redis decision left ample headroom, never for keys with a concurrency cap
+        (the cap exists to keep load off the engine)."""
+        if not self._overlap or key.max_concurrent is not None:
+            return False
+        until = self._headroom.get(key.id)
+        return until is not None and until > time.monotonic()
+
+    def _note_headroom(
+        self, key: KeyRecord, budgets: list[Budget], verdicts: list[Verdict], reserved: int
+    ) -> None:
+        if not self._overlap:
+            return
+        for b, v in zip(budgets, verdicts, strict=True):
+            floor = max(HEADROOM_SHARE * b.limit, 2 * reserved if b.tokens else HEADROOM_REQUESTS)
+            if v.retry_ms != 0 or v.remaining < floor:
+                self._headroom.pop(key.id, None)
+                return
+        if len(self._headroom) > 100_000:
+            self._headroom.clear()
+        self._headroom[key.id] = time.monotonic() + HEADROOM_TTL_S
 
     async def admit(
         self, key: KeyRecord, spec: ModelSpec, demand: Demand, request_id: str
@@ -185,6 +223,7 @@ class Limiter:
             demand.n,
             _headers(budgets, verdicts),
         )
+        self._note_headroom(key, budgets, verdicts, reserved)
         self._decide(admission, bool(allowed), bool(conc_ok), verdicts, reserved)
         return admission
 
