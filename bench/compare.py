@@ -7,24 +7,29 @@ Targets, all on this machine and in front of the same simulator replica:
 - litellm: LiteLLM's proxy (``litellm[proxy]``, one worker, master key, no database), installed
   by this script into ``.bench/litellm-venv`` so it never touches the project's environment.
 
-For each concurrency level the three targets take turns (closed loop, non-streaming and
-streaming). Reported: added p50/p99 latency vs direct at equal concurrency, the highest
-throughput each reached, and throughput per CPU second of the proxy process, as ratios.
-Writes bench/results/compare.json and compare.png.
+A sweep of request rates in an open loop (Poisson arrivals, latency from the scheduled send
+time, see app/bench/load.py): at each rate the targets take turns, and a target leaves the
+sweep at the first rate it cannot sustain (throughput below 95 % of the offered rate, more than
+1 % errors or drops, or p99 above the latency bound). Reported, as ratios: added latency vs
+direct at equal load (every rate both sustained), the maximum sustainable throughput, and that
+throughput per CPU core the proxy process used. Writes bench/results/compare.json and
+compare.png.
 
-    .venv/bin/python bench/compare.py [--concurrency 1,8,32,64] [--requests 600] [--no-litellm]
+    .venv/bin/python bench/compare.py [--quick] [--no-litellm] [--step-s 8] [--rates 20,40,...]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +38,34 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.bench.client import LoadSpec, run_load  # noqa: E402
+from app.bench.load import LoadPlan, RunResult, run_sync  # noqa: E402
+from app.bench.workload import Dist, Key, Workload  # noqa: E402
 from app.local.procs import Child, free_port, http_ok, spawn, wait_until  # noqa: E402
 from bench.overhead import RESULTS, create_key, machine, start_stack  # noqa: E402
 
 LITELLM_VENV = REPO / ".bench" / "litellm-venv"
+LITELLM_EXE = LITELLM_VENV / "bin" / "litellm"
+ENGINE = {"ttft_ms": 5, "tokens_per_s": 1000, "max_tokens": 16}
+FULL_RATES = [20, 40, 80, 120, 160, 240, 320, 480, 640, 960, 1280, 1920, 2560]
+QUICK_RATES = [20, 80, 160, 320, 640, 1280]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str  # base URL without /v1
+    key: str
+    pid: int | None  # the proxy process whose CPU is counted (None: the simulator itself)
 
 
 def ensure_litellm() -> Path:
-    exe = LITELLM_VENV / "bin" / "litellm"
-    if not exe.exists():
+    if not LITELLM_EXE.exists():
         print("installing litellm[proxy] into .bench/litellm-venv (once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
         subprocess.run(
             [str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True
         )
-    return exe
+    return LITELLM_EXE
 
 
 def start_litellm(exe: Path, upstream: str, work: Path) -> tuple[Child, str]:
@@ -84,6 +101,34 @@ def start_litellm(exe: Path, upstream: str, work: Path) -> tuple[Child, str]:
     return child, url
 
 
+@contextmanager
+def targets(work: Path, litellm: Path | None) -> Iterator[dict[str, Target]]:
+    """direct, switchyard with everything on, and LiteLLM when ``litellm`` is given; all in
+    front of one simulator replica, stopped on exit."""
+    children, direct, gateway, _ = start_stack(
+        work, ttft_ms=ENGINE["ttft_ms"], tokens_per_s=ENGINE["tokens_per_s"]
+    )
+    try:
+        # Limits high enough never to refuse, but checked and reserved on every request.
+        key = create_key("--rpm", str(10**8), "--tpm", str(10**11))
+        env = {"SWITCHYARD_REDIS_URL": os.environ["SWITCHYARD_REDIS_URL"]}
+        billing = [sys.executable, "-m", "app.cli", "billing", "run"]
+        children.append(spawn("billing", billing, work / "logs", env))
+        gw_pid = next(c.popen.pid for c in children if c.name == "gateway")
+        out = {
+            "direct": Target("direct", direct, "none", None),
+            "switchyard": Target("switchyard", gateway, key, gw_pid),
+        }
+        if litellm is not None:
+            child, url = start_litellm(litellm, direct, work)
+            children.append(child)
+            out["litellm"] = Target("litellm", url, "sk-bench-master", child.popen.pid)
+        yield out
+    finally:
+        for c in reversed(children):
+            c.stop()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process and its children (workers), from /proc."""
     total = 0.0
@@ -103,88 +148,159 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-async def sweep(
-    targets: dict[str, tuple[str, str, int | None]], levels: list[int], requests: int
+def workload(target: Target, stream: bool) -> Workload:
+    return Workload(
+        "chat-small",
+        keys=(Key(target.key),),
+        prompt_tokens=Dist("fixed", 32),
+        max_tokens=Dist("fixed", ENGINE["max_tokens"]),
+        stream=stream,
+    )
+
+
+def measure(target: Target, plan: LoadPlan) -> tuple[RunResult, dict[str, Any]]:
+    """Run ``plan`` and describe it as one row, with the proxy's CPU over the run."""
+    before = cpu_seconds(target.pid) if target.pid else 0.0
+    result = run_sync(plan)
+    s = result.summary
+    cpu = cpu_seconds(target.pid) - before if target.pid else None
+    row: dict[str, Any] = {
+        "target": target.name,
+        "stream": plan.workload.stream,
+        "rate": plan.rate,
+        "concurrency": plan.concurrency,
+        "requests": s["requests"],
+        "ok": s["ok"],
+        "errors": s["errors"],
+        "offered_rps": s["offered_rps"],
+        "throughput_rps": s["throughput_rps"],
+        "latency_ms": s["latency_ms"],
+        "ttft_ms": s["ttft_ms"],
+        "send_lag_ms": s["send_lag_ms"],
+        "proxy_cpu_s": round(cpu, 3) if cpu is not None else None,
+        # Requests per CPU-second of the proxy = the throughput one fully used core would give.
+        "rps_per_core": round(s["ok"] / cpu, 1) if cpu else None,
+    }
+    return result, row
+
+
+def sustained(row: dict[str, Any], p99_bound_ms: float) -> bool:
+    """Every arrival answered (at most 1 % errors or drops), throughput keeping up with the
+    arrivals actually drawn (a short Poisson step is rarely exactly the nominal rate), and p99
+    within the bound: past saturation the backlog grows all step long, so one of these fails."""
+    failed = sum(row["errors"].values())
+    return bool(
+        row["ok"]
+        and failed <= 0.01 * row["requests"]
+        and row["throughput_rps"] >= 0.9 * (row["offered_rps"] or row["rate"])
+        and row["latency_ms"].get("p99", 1e9) <= p99_bound_ms
+    )
+
+
+def sweep(
+    tgts: dict[str, Target], rates: list[float], step_s: float, stream: bool, p99_bound_ms: float
 ) -> list[dict[str, Any]]:
-    rows = []
-    for stream in (False, True):
-        for c in levels:
-            n = max(100, requests if c > 1 else requests // 4)
-            for name, (url, key, pid) in targets.items():
-                before = cpu_seconds(pid) if pid else 0.0
-                spec = LoadSpec(
-                    base_url=f"{url}/v1",
-                    model="chat-small",
-                    api_key=key,
-                    concurrency=c,
-                    requests=n,
-                    stream=stream,
-                    max_tokens=16,
-                    warmup=min(2 * c, 40),
-                )
-                result = await run_load(spec)
-                cpu = cpu_seconds(pid) - before if pid else None
-                row = {
-                    "target": name,
-                    "stream": stream,
-                    "concurrency": c,
-                    "ok": result.ok,
-                    "errors": result.errors,
-                    "throughput_rps": result.throughput_rps,
-                    "latency_ms": result.latency_ms,
-                    "ttft_ms": result.ttft_ms,
-                    "proxy_cpu_s": round(cpu, 3) if cpu is not None else None,
-                    "rps_per_cpu_s": round(result.ok / cpu, 1) if cpu else None,
-                }
-                rows.append(row)
-                print(
-                    f"{name:<11} stream={stream!s:<5} c={c:<3} {result.throughput_rps:8.1f} "
-                    f"req/s  p50 {result.latency_ms.get('p50', 0):8.2f} ms  "
-                    f"p99 {result.latency_ms.get('p99', 0):8.2f} ms  errors {result.errors}",
-                    flush=True,
-                )
+    """Rising rates, targets taking turns at each; a target stops at its first unsustained
+    rate (one more step would only measure an overloaded queue)."""
+    rows: list[dict[str, Any]] = []
+    active = dict(tgts)
+    for rate in rates:
+        for name, target in list(active.items()):
+            plan = LoadPlan(
+                base_url=f"{target.url}/v1",
+                workload=workload(target, stream),
+                rate=rate,
+                duration_s=step_s,
+                # A saturated target builds a backlog: cap it so the step ends on time.
+                max_in_flight=max(64, int(rate)),
+                warmup=10,
+                timeout_s=30,
+            )
+            _, row = measure(target, plan)
+            row["sustained"] = sustained(row, p99_bound_ms)
+            # The client is one Python process on the same cores: if it sent late, the rate
+            # was not really offered and saturation may be the client's.
+            row["client_limited"] = row["send_lag_ms"].get("p90", 0) > 5
+            rows.append(row)
+            print(
+                f"{name:<11} stream={stream!s:<5} rate {rate:>6g}/s -> {row['throughput_rps']:8.1f}"
+                f" req/s  p50 {row['latency_ms'].get('p50', 0):8.2f}  p99"
+                f" {row['latency_ms'].get('p99', 0):8.2f} ms  errors {row['errors']}"
+                f"{'' if row['sustained'] else '  SATURATED'}"
+                f"{'  (client lagging)' if row['client_limited'] else ''}",
+                flush=True,
+            )
+            if not row["sustained"]:
+                del active[name]
+        if not active:
+            break
     return rows
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    def pick(target: str, stream: bool, c: int) -> dict[str, Any] | None:
-        return next(
-            (
-                r
-                for r in rows
-                if r["target"] == target and r["stream"] == stream and r["concurrency"] == c
-            ),
-            None,
-        )
-
-    out: dict[str, Any] = {"added_latency_ms": [], "max_throughput_rps": {}, "per_cpu": {}}
-    targets = sorted({r["target"] for r in rows})
-    for r in rows:
-        if r["target"] == "direct":
-            continue
-        base = pick("direct", r["stream"], r["concurrency"])
-        if base and r["latency_ms"] and base["latency_ms"]:
-            out["added_latency_ms"].append(
-                {
-                    "target": r["target"],
-                    "stream": r["stream"],
-                    "concurrency": r["concurrency"],
-                    "p50": round(r["latency_ms"]["p50"] - base["latency_ms"]["p50"], 3),
-                    "p99": round(r["latency_ms"]["p99"] - base["latency_ms"]["p99"], 3),
+    out: dict[str, Any] = {}
+    for stream in sorted({r["stream"] for r in rows}):
+        mode = "stream" if stream else "whole"
+        part = [r for r in rows if r["stream"] == stream]
+        names = sorted({r["target"] for r in part})
+        best: dict[str, dict[str, Any]] = {}
+        for name in names:
+            ok = [r for r in part if r["target"] == name and r["sustained"]]
+            if ok:
+                top = max(ok, key=lambda r: r["rate"])
+                best[name] = {
+                    "max_sustainable_rate": top["rate"],
+                    "throughput_rps": top["throughput_rps"],
+                    "rps_per_core": top["rps_per_core"],
+                    "client_limited": top["client_limited"]
+                    or any(r["client_limited"] for r in part if r["target"] == name),
                 }
+        added = []
+        for r in part:
+            if r["target"] == "direct" or not r["sustained"]:
+                continue
+            base = next(
+                (
+                    d
+                    for d in part
+                    if d["target"] == "direct" and d["rate"] == r["rate"] and d["sustained"]
+                ),
+                None,
             )
-    for t in targets:
-        out["max_throughput_rps"][t] = max(r["throughput_rps"] for r in rows if r["target"] == t)
-        per = [r["rps_per_cpu_s"] for r in rows if r["target"] == t and r["rps_per_cpu_s"]]
-        if per:
-            out["per_cpu"][t] = max(per)
-    if "litellm" in out["max_throughput_rps"]:
-        sy, ll = out["max_throughput_rps"]["switchyard"], out["max_throughput_rps"]["litellm"]
-        out["throughput_ratio_switchyard_over_litellm"] = round(sy / ll, 2) if ll else None
-        if "litellm" in out["per_cpu"] and "switchyard" in out["per_cpu"]:
-            out["per_cpu_ratio_switchyard_over_litellm"] = round(
-                out["per_cpu"]["switchyard"] / out["per_cpu"]["litellm"], 2
+            if base:
+                added.append(
+                    {
+                        "target": r["target"],
+                        "rate": r["rate"],
+                        "p50_ms": round(r["latency_ms"]["p50"] - base["latency_ms"]["p50"], 3),
+                        "p99_ms": round(r["latency_ms"]["p99"] - base["latency_ms"]["p99"], 3),
+                    }
+                )
+        ratios: dict[str, float | None] = {}
+        sy, ll = best.get("switchyard"), best.get("litellm")
+        if sy and ll:
+            ratios["max_throughput_switchyard_over_litellm"] = round(
+                sy["throughput_rps"] / ll["throughput_rps"], 2
             )
+            if sy["rps_per_core"] and ll["rps_per_core"]:
+                ratios["per_core_switchyard_over_litellm"] = round(
+                    sy["rps_per_core"] / ll["rps_per_core"], 2
+                )
+        if sy and "direct" in best:
+            ratios["max_throughput_switchyard_over_direct"] = round(
+                sy["throughput_rps"] / best["direct"]["throughput_rps"], 2
+            )
+        low = min((a["rate"] for a in added), default=None)
+        at_low = {a["target"]: a for a in added if a["rate"] == low}
+        if "switchyard" in at_low and "litellm" in at_low and at_low["switchyard"]["p50_ms"] > 0:
+            ratios["added_p50_litellm_over_switchyard"] = round(
+                at_low["litellm"]["p50_ms"] / at_low["switchyard"]["p50_ms"], 1
+            )
+        out[mode] = {
+            "max_sustainable": best,
+            "added_latency_ms": added,
+            "ratios": ratios,
+        }
     return out
 
 
@@ -194,77 +310,75 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for target in sorted({r["target"] for r in rows}):
-        pts = [r for r in rows if r["target"] == target and not r["stream"]]
-        axes[0].plot(
-            [r["throughput_rps"] for r in pts],
-            [r["latency_ms"]["p50"] for r in pts],
-            marker="o",
-            label=target,
-        )
-    axes[0].set_xlabel("throughput (req/s), non-streaming")
-    axes[0].set_ylabel("p50 latency (ms)")
-    axes[0].set_title("Latency vs throughput (closed loop, rising concurrency)")
-    axes[0].legend()
-    names = list(summary["max_throughput_rps"])
-    axes[1].bar(names, [summary["max_throughput_rps"][n] for n in names])
-    axes[1].set_title("Highest throughput reached (req/s)")
+    modes = sorted({r["stream"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes) + 1, figsize=(6 * (len(modes) + 1), 4.2))
+    for ax, stream in zip(axes, modes, strict=False):
+        for target in sorted({r["target"] for r in rows}):
+            pts = [r for r in rows if r["target"] == target and r["stream"] == stream]
+            ax.plot(
+                [r["rate"] for r in pts],
+                [r["latency_ms"].get("p50", float("nan")) for r in pts],
+                marker="o",
+                label=target,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered rate (req/s, Poisson)")
+        ax.set_ylabel("p50 latency from scheduled send (ms)")
+        ax.set_title(f"{'streaming' if stream else 'non-streaming'}: latency vs load")
+        ax.legend()
+    whole = summary.get("whole", summary.get("stream", {})).get("max_sustainable", {})
+    names = list(whole)
+    axes[-1].bar(names, [whole[n]["throughput_rps"] for n in names])
+    axes[-1].set_title("Max sustainable throughput, non-streaming (req/s)")
     fig.suptitle("Direct vs Switchyard (auth, limits, billing, routing) vs LiteLLM, one run")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--concurrency", default="1,8,32,64")
-    p.add_argument("--requests", type=int, default=600)
+    p.add_argument("--quick", action="store_true", help="a coarse, short sweep (~1-2 min)")
+    p.add_argument("--rates", help="comma-separated req/s (default: a geometric ladder)")
+    p.add_argument("--step-s", type=float, help="seconds per rate and target (default 8)")
+    p.add_argument("--p99-bound-ms", type=float, default=500.0)
     p.add_argument("--no-litellm", action="store_true")
+    p.add_argument("--no-stream", action="store_true", help="only the non-streaming sweep")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
-    levels = [int(x) for x in args.concurrency.split(",")]
+    rates = [float(x) for x in args.rates.split(",")] if args.rates else None
+    rates = rates or (QUICK_RATES if args.quick else FULL_RATES)
+    step_s = args.step_s or (2.0 if args.quick else 8.0)
+    streams = [False] if args.quick or args.no_stream else [False, True]
     exe = None if args.no_litellm else ensure_litellm()
-    with tempfile.TemporaryDirectory(prefix="sy-compare-") as tmp:
-        work = Path(tmp)
-        children, direct, gateway, _ = start_stack(work, ttft_ms=5, tokens_per_s=1000)
-        try:
-            key = create_key("--rpm", str(10**8), "--tpm", str(10**11))
-            env = {"SWITCHYARD_REDIS_URL": os.environ["SWITCHYARD_REDIS_URL"]}
-            children.append(
-                spawn(
-                    "billing",
-                    [sys.executable, "-m", "app.cli", "billing", "run"],
-                    work / "logs",
-                    env,
-                )
-            )
-            gw_pid = next(c.popen.pid for c in children if c.name == "gateway")
-            targets: dict[str, tuple[str, str, int | None]] = {
-                "direct": (direct, "none", None),
-                "switchyard": (gateway, key, gw_pid),
-            }
-            if exe is not None:
-                child, url = start_litellm(exe, direct, work)
-                children.append(child)
-                targets["litellm"] = (url, "sk-bench-master", child.popen.pid)
-            rows = asyncio.run(sweep(targets, levels, args.requests))
-        finally:
-            for c in reversed(children):
-                c.stop()
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="sy-compare-") as tmp, targets(Path(tmp), exe) as t:
+        rows = [r for s in streams for r in sweep(t, rates, step_s, s, args.p99_bound_ms)]
     summary = summarize(rows)
     out = {
-        "benchmark": "direct vs switchyard vs litellm",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "benchmark": "direct vs switchyard vs litellm, open-loop rate sweep",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "machine": machine(),
-        "engine": "simulator, ttft 5 ms, 1000 tokens/s, 16 tokens",
+        "engine": "simulator, ttft {ttft_ms} ms, {tokens_per_s} tokens/s, {max_tokens} "
+        "tokens".format(**ENGINE),
+        "sweep": {
+            "rates": rates,
+            "step_s": step_s,
+            "p99_bound_ms": args.p99_bound_ms,
+            "quick": args.quick,
+        },
         "summary": summary,
         "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compare.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot(rows, summary, RESULTS / "compare.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "compare-quick" if args.quick else "compare"
+    (args.out / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    plot(rows, summary, args.out / f"{name}.png")
     print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out / name}.json and .png, {time.time() - started:.0f} s")
     return 0
 
 
