@@ -22,6 +22,7 @@ import pytest
 import redis as redis_sync
 import uvicorn
 
+from app.http_protocol import CoalescingHttpToolsProtocol
 from app.server import create_app
 from app.settings import Settings
 from tests.support.procs import Proc, free_port, start
@@ -141,7 +142,7 @@ class GatewayServer:
             host="127.0.0.1",
             port=self.port,
             loop="uvloop",
-            http="httptools",
+            http=CoalescingHttpToolsProtocol,
             log_config=None,
             access_log=False,
             lifespan="on",
