@@ -7,8 +7,10 @@ Raised anywhere in request handling and rendered by one exception handler, so th
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
+from pydantic import BaseModel
 from starlette.responses import Response
 
 
@@ -101,3 +103,23 @@ def internal_error() -> APIError:
     return APIError(
         500, "The gateway hit an internal error.", type_="server_error", code="internal_error"
     )
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer, for the OpenAPI schema (``APIError.body``)."""
+
+    error: ErrorDetail
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a route for the error statuses it can answer."""
+    return {
+        status: {"model": ErrorBody, "description": "OpenAI-shaped error"} for status in statuses
+    }

@@ -9,13 +9,13 @@ import hmac
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth.keys import CUSTOMER_RE, Limits, valid_id
 from app.billing.reports import usage
-from app.errors import forbidden, not_found, unauthorized
+from app.errors import documented, forbidden, not_found, unauthorized
 from app.routing.canary import Split
 from app.routing.pool import ModelPool
 from app.services import Services, get_services
@@ -38,7 +38,12 @@ async def require_admin(request: Request) -> None:
         raise forbidden("This token is not the admin token.", "not_admin")
 
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=documented(401, 403),
+)
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
@@ -59,7 +64,7 @@ class KeyCreate(BaseModel):
     max_concurrent: int | None = Field(None, ge=1, description="Concurrent requests cap")
 
 
-@router.post("/keys", status_code=201)
+@router.post("/keys", status_code=201, responses=documented(400, 422))
 async def create_key(body: KeyCreate, svc: ServicesDep) -> JSONResponse:
     expires_at = time.time() + body.expires_in_s if body.expires_in_s else None
     record, plaintext = await svc.keys.create(
@@ -85,7 +90,7 @@ def _check_id(key_id: str) -> None:
         raise not_found(f"No key with id '{key_id[:40]}'.", "key_not_found", "id")
 
 
-@router.get("/keys/{key_id}")
+@router.get("/keys/{key_id}", responses=documented(404, 422))
 async def get_key(key_id: str, svc: ServicesDep) -> dict[str, Any]:
     _check_id(key_id)
     record = await svc.keys.get(key_id)
@@ -94,7 +99,7 @@ async def get_key(key_id: str, svc: ServicesDep) -> dict[str, Any]:
     return record.public()
 
 
-@router.delete("/keys/{key_id}")
+@router.delete("/keys/{key_id}", responses=documented(404, 422))
 async def revoke_key(key_id: str, svc: ServicesDep) -> dict[str, Any]:
     _check_id(key_id)
     record = await svc.keys.revoke(key_id)
@@ -163,7 +168,7 @@ async def pool(svc: ServicesDep) -> dict[str, Any]:
     return {"models": models, "aliases": [split(a) for a in router.aliases.values()]}
 
 
-@router.post("/pool/splits/{name}/reset")
+@router.post("/pool/splits/{name}/reset", responses=documented(404, 422))
 async def reset_split(name: str, svc: ServicesDep) -> dict[str, Any]:
     """Give a split's rolled-back canaries their configured weights again."""
     if not svc.router.reset_split(name):
@@ -176,14 +181,14 @@ def _check_customer(customer: str) -> None:
         raise not_found(f"No customer '{customer[:40]}'.", "customer_not_found", "customer")
 
 
-@router.get("/customers/{customer}/limits")
+@router.get("/customers/{customer}/limits", responses=documented(404, 422))
 async def get_customer_limits(customer: str, svc: ServicesDep) -> dict[str, Any]:
     _check_customer(customer)
     limits = await svc.keys.get_customer_limits(customer)
     return {"customer": customer, **(limits or Limits()).model_dump()}
 
 
-@router.put("/customers/{customer}/limits")
+@router.put("/customers/{customer}/limits", responses=documented(400, 404, 422))
 async def set_customer_limits(customer: str, body: Limits, svc: ServicesDep) -> dict[str, Any]:
     """Budgets shared by all of the customer's keys (null removes a dimension)."""
     _check_customer(customer)
@@ -191,9 +196,9 @@ async def set_customer_limits(customer: str, body: Limits, svc: ServicesDep) -> 
     return {"customer": customer, **body.model_dump()}
 
 
-@router.get("/usage")
-async def customer_usage(customer: str, svc: ServicesDep, days: int = 7) -> dict[str, Any]:
+@router.get("/usage", responses=documented(404, 422))
+async def customer_usage(
+    customer: str, svc: ServicesDep, days: Annotated[int, Query(ge=1, le=400)] = 7
+) -> dict[str, Any]:
     _check_customer(customer)
-    if not 1 <= days <= 400:
-        raise not_found("days must be between 1 and 400.", "invalid_value", "days")
     return {"customer": customer, **await usage(svc.redis, "cus", customer, days)}

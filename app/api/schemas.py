@@ -5,10 +5,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
 _MAX_N = 128
 _MAX_TOKENS = 10_000_000
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: ``16.0`` is the integer 16, as JSON Schema's ``integer`` (the
+    published schema) and the engines' own validation read it; ``1.5``, ``"16"`` and ``true``
+    stay invalid."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Last in Annotated (after any Field bounds), so the schema keeps minimum/maximum.
+_INTEGRAL = BeforeValidator(_integral)
+Integer = Annotated[StrictInt, _INTEGRAL]
+TokenCount = Annotated[StrictInt, Field(ge=1, le=_MAX_TOKENS), _INTEGRAL]
 
 
 class StreamOptions(BaseModel):
@@ -24,8 +39,8 @@ class _Base(BaseModel):
 class _Generation(_Base):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=1, le=_MAX_TOKENS)] | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=_MAX_N)] | None = 1
+    max_tokens: TokenCount | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=_MAX_N), _INTEGRAL] | None = 1
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
 
@@ -38,7 +53,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Generation):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=_MAX_TOKENS)] | None = None
+    max_completion_tokens: TokenCount | None = None
 
     def completion_cap(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -47,8 +62,8 @@ class ChatCompletionRequest(_Generation):
 Prompt = (
     str
     | Annotated[list[str], Field(min_length=1)]
-    | Annotated[list[StrictInt], Field(min_length=1)]
-    | Annotated[list[list[StrictInt]], Field(min_length=1)]
+    | Annotated[list[Integer], Field(min_length=1)]
+    | Annotated[list[list[Integer]], Field(min_length=1)]
 )
 
 
@@ -62,4 +77,4 @@ class CompletionRequest(_Generation):
 class EmbeddingRequest(_Base):
     input: Prompt
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: Annotated[StrictInt, Field(ge=1, le=65536)] | None = None
+    dimensions: Annotated[StrictInt, Field(ge=1, le=65536), _INTEGRAL] | None = None
