@@ -316,10 +316,16 @@ class BillingWorker:
         self._stopping = True
 
     def run(self, idle_exit_s: float | None = None) -> None:
-        self.ensure_group()
+        signal.signal(signal.SIGTERM, self.stop)
         if self.settings.billing_health_port:
             start_http_server(self.settings.billing_health_port, registry=self.metrics.registry)
-        signal.signal(signal.SIGTERM, self.stop)
+        while not self._stopping:  # Redis may be away when the worker starts: wait for it
+            try:
+                self.ensure_group()
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("billing: redis unavailable (%s); retrying", type(exc).__name__)
+                time.sleep(1.0)
         if self.sender is None:
             log.warning(
                 "billing: SWITCHYARD_STRIPE_API_KEY is not set: usage is aggregated "
