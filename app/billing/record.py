@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 import orjson
@@ -90,7 +91,7 @@ class Spool:
                             pipe.xadd(STREAM, event)
                         await pipe.execute()
                 except (RedisError, OSError):
-                    claimed.rename(path)  # try again later; nothing lost
+                    self._release(claimed)  # try again later; nothing lost
                     raise
                 claimed.unlink()
                 moved += len(events)
@@ -98,12 +99,17 @@ class Spool:
                 log.warning("billing: replayed %d spooled usage events into Redis", moved)
             return moved
 
+    def _release(self, claimed: Path) -> None:
+        """Give a claimed file back to the spool under a new name of the pending pattern: its
+        old name may hold events appended since (renaming over it would drop them)."""
+        claimed.rename(self._dir / f"usage-{os.getpid()}-{uuid.uuid4().hex}.jsonl")
+
     def recover_claims(self) -> None:
         """Files a crashed replay left claimed go back to the spool."""
         if self._dir.is_dir():
             for claimed in self._dir.glob("usage-*.replay-*"):
                 with contextlib.suppress(OSError):
-                    claimed.rename(claimed.with_name(claimed.name.split(".replay-")[0]))
+                    self._release(claimed)
 
 
 class SpoolReplayer:
