@@ -1,10 +1,17 @@
-"""Automatic pipelining: Redis commands issued in the same event-loop turn share one round trip.
+"""Automatic pipelining: Redis commands issued close together share one round trip.
 
-Each Redis call costs a socket write and a read, and on a small machine those system calls, not
-Redis, bound the gateway. The limiter's decisions and the accounting writes of many concurrent
-requests are therefore queued and sent as one pipeline; a lone request pays one extra loop
-iteration. Each caller gets exactly its own commands' results (exceptions included, as values);
-if the connection fails, every caller of that batch gets the exception.
+Each Redis call costs a socket write and a read, and on a small VM those system calls (each
+write wakes another process) bound the gateway more than Redis does. Commands are therefore
+queued and sent as one pipeline:
+
+- urgent commands (the limiter's decisions, which a request waits for) leave at the end of the
+  current event-loop turn, together with whatever else is queued;
+- lazy commands (accounting after a response, which nobody waits for) wait up to
+  ``lazy_delay_s`` for an urgent batch to ride along with, so at steady load they cost no
+  round trip of their own.
+
+Each caller gets exactly its own commands' results (exceptions included, as values); if the
+connection fails, every caller of that batch gets the exception.
 """
 
 from __future__ import annotations
@@ -19,31 +26,35 @@ Command = tuple[Any, ...]  # ("EVALSHA", sha, numkeys, *keys, *args), ("XADD", s
 
 
 class PipelineBatcher:
-    def __init__(self, redis: Redis, max_commands: int = 512, delay_s: float = 0.0) -> None:
+    def __init__(self, redis: Redis, max_commands: int = 512, lazy_delay_s: float = 0.005) -> None:
         self._redis = redis
-        self._delay = delay_s
+        self._lazy_delay = lazy_delay_s
         self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
         self._queued = 0
         self._max = max_commands
-        self._scheduled = False
+        self._urgent = False  # a flush at the end of this loop turn is scheduled
+        self._timer: asyncio.TimerHandle | None = None
 
-    def submit(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
+    def submit(self, commands: Sequence[Command], lazy: bool = False) -> asyncio.Future[list[Any]]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Any]] = loop.create_future()
         self._queue.append((commands, fut))
         self._queued += len(commands)
         if self._queued >= self._max:
             self._flush()
-        elif not self._scheduled:
-            self._scheduled = True
-            if self._delay:
-                loop.call_later(self._delay, self._flush)
-            else:
+        elif not lazy:
+            if not self._urgent:
+                self._urgent = True
                 loop.call_soon(self._flush)
+        elif self._timer is None and not self._urgent:
+            self._timer = loop.call_later(self._lazy_delay, self._flush)
         return fut
 
     def _flush(self) -> None:
-        self._scheduled = False
+        self._urgent = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._queue:
             batch, self._queue, self._queued = self._queue, [], 0
             asyncio.get_running_loop().create_task(self._send(batch))

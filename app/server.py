@@ -67,7 +67,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     tasks = TaskSet()
     keys = KeyStore(redis)
     peers = PeerCount(redis, minimum=settings.gateway_replicas)
-    batcher = PipelineBatcher(redis)  # concurrent limiter decisions share round trips
+    # Limiter decisions and accounting writes share round trips (accounting rides along).
+    batcher = PipelineBatcher(redis)
     limiter = Limiter(
         redis,
         keys,
@@ -81,9 +82,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     spool = Spool(settings.spool_dir)
     replayer = SpoolReplayer(spool, redis)
-    # Writes after a response wait a moment, so they gather and stay out of the way of the
-    # next request's decision (which is latency-critical); the limiter's batcher does not wait.
-    accounting = Accounting(metrics, PipelineBatcher(redis, delay_s=0.002), limiter, spool)
+    accounting = Accounting(metrics, batcher, limiter, spool)
     app.state.services = Services(
         settings=settings,
         redis=redis,

@@ -149,8 +149,8 @@ class Accounting:
         if not commands:
             return
         try:
-            # Shared with other requests finishing in the same loop turn: one round trip.
-            results = await self._batcher.submit(commands)
+            # Nobody waits for it: it rides along with the next decisions' round trip.
+            results = await self._batcher.submit(commands, lazy=True)
         except (RedisError, OSError) as exc:
             log.warning(
                 "accounting: redis unavailable for %s (%s)", call.request_id, type(exc).__name__
