@@ -294,13 +294,18 @@ def parse_catalog(data: Any, where: str = "catalog") -> Catalog:
 
 
 def load_catalog(path: str | Path) -> Catalog:
+    """The catalogue in a YAML file; any unusable file raises CatalogError, nothing else."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise CatalogError(f"SWITCHYARD_CATALOG: cannot read {p}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"SWITCHYARD_CATALOG: {p} is not UTF-8 text: {exc.reason}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise CatalogError(f"SWITCHYARD_CATALOG: {p} is not valid YAML: {exc}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise CatalogError(f"SWITCHYARD_CATALOG: {p} is nested too deeply") from None
     return parse_catalog(data, where=str(p))
