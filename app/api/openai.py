@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
@@ -26,6 +26,7 @@ from app.catalog import Alias, Catalog, ModelKind, ModelSpec
 from app.errors import (
     APIError,
     bad_request,
+    documented,
     forbidden,
     internal_error,
     not_found,
@@ -41,7 +42,7 @@ from app.tokens import estimate_prompt_tokens
 from app.usage import Call, Usage
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], responses=documented(401))
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -432,7 +433,7 @@ async def list_models(request: Request, svc: ServicesDep) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.get("/v1/models/{model}")
+@router.get("/v1/models/{model}", responses=documented(404, 422))
 async def get_model(model: str, request: Request, svc: ServicesDep) -> dict[str, Any]:
     key = await svc.auth.authenticate(request.headers.get("authorization"))
     catalog = svc.settings.catalog
@@ -447,10 +448,10 @@ async def get_model(model: str, request: Request, svc: ServicesDep) -> dict[str,
     raise not_found(f"The model '{model}' does not exist.")
 
 
-@router.get("/v1/usage")
-async def own_usage(request: Request, svc: ServicesDep, days: int = 7) -> dict[str, Any]:
+@router.get("/v1/usage", responses=documented(422))
+async def own_usage(
+    request: Request, svc: ServicesDep, days: Annotated[int, Query(ge=1, le=400)] = 7
+) -> dict[str, Any]:
     """The calling key's own daily token usage (as aggregated by the billing worker)."""
     key = await svc.auth.authenticate(request.headers.get("authorization"))
-    if not 1 <= days <= 400:
-        raise unprocessable("days must be between 1 and 400.", "days")
     return {"key": key.id, **await usage(svc.redis, "key", key.id, days)}
