@@ -56,6 +56,7 @@ class Target:
     url: str  # base URL without /v1
     key: str
     pid: int | None  # the proxy process whose CPU is counted (None: the simulator itself)
+    engine_pid: int | None = None  # the simulator behind it (its CPU too: a cost reference)
 
 
 def ensure_litellm() -> Path:
@@ -115,14 +116,15 @@ def targets(work: Path, litellm: Path | None) -> Iterator[dict[str, Target]]:
         billing = [sys.executable, "-m", "app.cli", "billing", "run"]
         children.append(spawn("billing", billing, work / "logs", env))
         gw_pid = next(c.popen.pid for c in children if c.name == "gateway")
+        sim_pid = next(c.popen.pid for c in children if c.name == "simulator")
         out = {
-            "direct": Target("direct", direct, "none", None),
-            "switchyard": Target("switchyard", gateway, key, gw_pid),
+            "direct": Target("direct", direct, "none", None, sim_pid),
+            "switchyard": Target("switchyard", gateway, key, gw_pid, sim_pid),
         }
         if litellm is not None:
             child, url = start_litellm(litellm, direct, work)
             children.append(child)
-            out["litellm"] = Target("litellm", url, "sk-bench-master", child.popen.pid)
+            out["litellm"] = Target("litellm", url, "sk-bench-master", child.popen.pid, sim_pid)
         yield out
     finally:
         for c in reversed(children):
@@ -161,9 +163,11 @@ def workload(target: Target, stream: bool) -> Workload:
 def measure(target: Target, plan: LoadPlan) -> tuple[RunResult, dict[str, Any]]:
     """Run ``plan`` and describe it as one row, with the proxy's CPU over the run."""
     before = cpu_seconds(target.pid) if target.pid else 0.0
+    engine_before = cpu_seconds(target.engine_pid) if target.engine_pid else 0.0
     result = run_sync(plan)
     s = result.summary
     cpu = cpu_seconds(target.pid) - before if target.pid else None
+    engine = cpu_seconds(target.engine_pid) - engine_before if target.engine_pid else None
     row: dict[str, Any] = {
         "target": target.name,
         "stream": plan.workload.stream,
@@ -178,6 +182,7 @@ def measure(target: Target, plan: LoadPlan) -> tuple[RunResult, dict[str, Any]]:
         "ttft_ms": s["ttft_ms"],
         "send_lag_ms": s["send_lag_ms"],
         "proxy_cpu_s": round(cpu, 3) if cpu is not None else None,
+        "engine_cpu_s": round(engine, 3) if engine is not None else None,
         # Requests per CPU-second of the proxy = the throughput one fully used core would give.
         "rps_per_core": round(s["ok"] / cpu, 1) if cpu else None,
     }
@@ -252,6 +257,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     "max_sustainable_rate": top["rate"],
                     "throughput_rps": top["throughput_rps"],
                     "rps_per_core": top["rps_per_core"],
+                    # Proxy CPU per request in units of the engine's (simulator's) CPU per
+                    # request, for the same requests: the least noisy measure of its cost.
+                    "cpu_over_engine": round(top["proxy_cpu_s"] / top["engine_cpu_s"], 3)
+                    if top["proxy_cpu_s"] and top["engine_cpu_s"]
+                    else None,
                     "client_limited": top["client_limited"]
                     or any(r["client_limited"] for r in part if r["target"] == name),
                 }
