@@ -116,33 +116,6 @@ def fuzz(
         assert response.status_code != 422, (case.body, response.text)
 
 
-# Known gaps, strict so that the fix shows: the GET routes of app/api/openai.py document neither
-# the 401 of a missing or wrong key nor the 404 of an unknown or unallowed model ...
-UNDOCUMENTED_ERRORS = pytest.mark.xfail(
-    strict=True,
-    raises=schemathesis.errors.FailureGroup,
-    reason="app/api/openai.py: GET /v1/models* and /v1/usage do not document their 401/404 "
-    "answers (fix: responses=documented(...) on the openai router)",
-)
-KNOWN_GAPS = {
-    (("GET", "/v1/models"), "admin_token"),
-    (("GET", "/v1/models"), "no_key"),
-    (("GET", "/v1/models"), "garbage_key"),
-    (("GET", "/v1/models/{model}"), "api_key"),
-    (("GET", "/v1/models/{model}"), "admin_token"),
-    (("GET", "/v1/models/{model}"), "no_key"),
-    (("GET", "/v1/models/{model}"), "garbage_key"),
-    (("GET", "/v1/usage"), "admin_token"),
-    (("GET", "/v1/usage"), "no_key"),
-    (("GET", "/v1/usage"), "garbage_key"),
-}
-# ... and GET /v1/usage refuses days outside 1..400, which its schema does not bound.
-UNBOUNDED_DAYS = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="app/api/openai.py: GET /v1/usage accepts any integer days by its schema, "
-    "answers 422 outside 1..400 (fix: Query(ge=1, le=400))",
-)
 # Operations with inputs that can be made invalid (a body, a bounded or required parameter);
 # the others accept anything a client can send.
 CONSTRAINED = [
@@ -156,21 +129,9 @@ CONSTRAINED = [
 ]
 
 
-def cases(operations: list[tuple[str, str]], positive: bool) -> list[Any]:
-    def marks(operation: tuple[str, str], identity: str) -> list[pytest.MarkDecorator]:
-        if (operation, identity) in KNOWN_GAPS:
-            return [UNDOCUMENTED_ERRORS]
-        if positive and operation == ("GET", "/v1/usage") and identity == "api_key":
-            return [UNBOUNDED_DAYS]
-        return []
-
+def cases(operations: list[tuple[str, str]]) -> list[Any]:
     return [
-        pytest.param(
-            operation,
-            identity,
-            id=f"{' '.join(operation)} as {identity}",
-            marks=marks(operation, identity),
-        )
+        pytest.param(operation, identity, id=f"{' '.join(operation)} as {identity}")
         for operation in operations
         for identity in IDENTITIES
     ]
@@ -185,7 +146,7 @@ FUZZ_SETTINGS = settings(
 )
 
 
-@pytest.mark.parametrize(("operation", "identity"), cases(OPERATIONS, positive=True))
+@pytest.mark.parametrize(("operation", "identity"), cases(OPERATIONS))
 @FUZZ_SETTINGS
 @given(data=st.data())
 def test_valid_requests_get_documented_answers(
@@ -200,7 +161,7 @@ def test_valid_requests_get_documented_answers(
     fuzz(schema, session, operation, header, GenerationMode.POSITIVE, data)
 
 
-@pytest.mark.parametrize(("operation", "identity"), cases(CONSTRAINED, positive=False))
+@pytest.mark.parametrize(("operation", "identity"), cases(CONSTRAINED))
 @FUZZ_SETTINGS
 @given(data=st.data())
 def test_invalid_requests_get_documented_answers(
