@@ -32,6 +32,7 @@ from app.limits.peers import PeerCount
 from app.metrics import GatewayMetrics
 from app.proxy.relay import Proxy
 from app.redis_batch import PipelineBatcher
+from app.redis_client import redis_client as packed_redis_client
 from app.routing.pool import Router
 from app.services import Services
 from app.settings import Settings
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def redis_client(settings: Settings) -> Redis:
-    return Redis.from_url(
+    return packed_redis_client(
         settings.redis_url,
         socket_timeout=2.0,
         socket_connect_timeout=1.0,
