@@ -274,6 +274,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     else None,
                     "client_limited": top["client_limited"]
                     or any(r["client_limited"] for r in part if r["target"] == name),
+                    # False: the ladder ended first, so the maximum is a lower bound.
+                    "saturated": any(not r["sustained"] for r in part if r["target"] == name),
                 }
         added = []
         for r in part:
