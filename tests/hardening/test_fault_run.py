@@ -471,6 +471,9 @@ def test_faults_under_load_lose_nothing_and_bill_exactly_what_was_served(
             "served_tokens": {f"{c} {m}": n for (c, m), n in sorted(served.items())},
             "billed_tokens": {f"{c} {m}": n for (c, m), n in sorted(billed.items())},
             "client_seen_tokens": sum(seen_by_clients.values()),
+            "served_total": sum(served.values()),
+            "billed_total": sum(billed.values()),
+            "billed_equals_served": billed == served,
         },
     )
     assert billed == served, {"billed": billed, "served": served}
