@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -134,6 +135,16 @@ def measure_ratios(t: dict[str, Target]) -> tuple[dict[str, float], dict[str, An
     return ratios, raw, notes
 
 
+def revision() -> dict[str, Any]:
+    """The commit measured, and whether the working tree differed from it (shared tree)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+
+
 def judge(ratios: dict[str, float], baseline: dict[str, Any]) -> list[dict[str, Any]]:
     """One verdict per baseline ratio: ok, regressed, or skipped (not measured this run)."""
     verdicts = []
@@ -186,6 +197,7 @@ def main() -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "machine": machine(),
+        "revision": revision(),
         "engine": ENGINE,
         "ratios": ratios,
         "verdicts": verdicts,
