@@ -22,6 +22,7 @@ from app.settings import Settings
 from tests.conftest import GatewayFactory, GatewayServer, wait_for
 from tests.limits.test_limits import own_redis  # noqa: F401  (fixture)
 from tests.support.fake_stripe import FakeStripe
+from tests.support.platform import start_billing_worker
 
 MSG = [{"role": "user", "content": "bill me"}]
 
@@ -210,21 +211,7 @@ def _traffic(gw: GatewayServer, keys: dict[str, str], rounds: int) -> list[Any]:
 
 
 def start_worker(redis_url: str, stripe: FakeStripe, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "SWITCHYARD_REDIS_URL": redis_url,
-        "SWITCHYARD_BILLING_WINDOW_S": "1",
-        "SWITCHYARD_STRIPE_API_KEY": "sk_test_e2e",
-        "SWITCHYARD_STRIPE_API_BASE": stripe.url,
-        "SWITCHYARD_STRIPE_MAX_EVENTS_PER_S": "200",
-    }
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "billing", "run"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    return start_billing_worker(redis_url, stripe.url, log)
 
 
 def test_billed_tokens_equal_served_tokens_through_faults(
