@@ -350,7 +350,7 @@ def test_load_shedding_answers_503_with_retry_after_when_every_queue_is_long(
     for p in pair:
         flood(p, 4, max_tokens=100)
     wait_for(
-        lambda: all(r["waiting"] > 1 for r in pool_view(gw)["models"][0]["replicas"]), timeout=3
+        lambda: all(r["waiting"] > 1 for r in pool_view(gw)["models"][0]["replicas"]), timeout=10
     )
     t0 = time.perf_counter()
     r = post(gw, key, "m")
