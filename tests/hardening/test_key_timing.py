@@ -8,9 +8,11 @@ order (so drift, frequency scaling and other processes on this 2-core machine hi
 The statistic: the samples are cut into blocks; in each block the difference of the two
 medians is taken; the *effect* is the median of those block differences and its *noise* the
 spread of the block differences (scaled MAD / sqrt(blocks)). Two kinds of key are told apart
-when the effect exceeds max(6 x noise, 3 % of one check's median time): tolerant of a noisy
-machine, and still an order of magnitude below what a leak of a few nanoseconds per matched
-character adds over a 43-character secret.
+when the effect exceeds max(6 x noise, 5 % of one check's median time, i.e. ~200-300 ns here):
+tolerant of a noisy shared machine, and still 5-15x below what a byte-by-byte comparison adds
+over a 43-character secret (25-75 ns per matched character, 1-3 us in all; the control below
+measures it on every run). Known residue below the tolerance: an unknown id is rejected
+~60-120 ns (1.5-2 %) faster than a known one (reported in the hardening notes; ids are public).
 
 The control proves that last point: the same measurement, on the same keys, with the hash
 comparison swapped for a byte-by-byte early-exit comparison of the plaintext (what `==` on a
@@ -108,7 +110,7 @@ class Comparison:
 
     @property
     def tolerance_ns(self) -> float:
-        return max(6 * self.noise_ns, 0.03 * self.per_call_ns)
+        return max(6 * self.noise_ns, 0.05 * self.per_call_ns)
 
     def distinguishable(self) -> bool:
         return abs(self.effect_ns) > self.tolerance_ns
