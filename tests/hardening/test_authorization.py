@@ -375,7 +375,7 @@ NOT_ADMIN = ["garbage", ADMIN_TOKEN[:-1], ADMIN_TOKEN + "x", ADMIN_TOKEN.upper()
 
 
 def test_every_admin_route_refuses_everything_but_the_admin_token(
-    gateway_factory: GatewayFactory, sims: dict[str, Proc], redis_url: str
+    gateway_factory: GatewayFactory, sims: dict[str, Proc], record_property: Any
 ) -> None:
     """No credential, or no bearer scheme: 401. A bearer that is not the admin token (an API
     key, or garbage): 403 ``not_admin``, as the README's error table documents. Nothing a
@@ -397,6 +397,14 @@ def test_every_admin_route_refuses_everything_but_the_admin_token(
                 r = c.request(method, path, headers=headers, json=json_body)
                 assert r.status_code == 403, (method, path, token, r.text)
                 assert r.json()["error"]["code"] == "not_admin"
+    record_property(
+        "admin_routes",
+        {
+            "routes": len(routes),
+            "refused_401": len(routes) * len(UNAUTHENTICATED),
+            "refused_403": len(routes) * (1 + len(NOT_ADMIN)),
+        },
+    )
     with gw.admin() as admin:
         assert admin.get(f"/admin/keys/{created['id']}").json()["status"] == "active"
         assert admin.get("/admin/customers/cus_scope/limits").json()["rpm"] is None
