@@ -6,8 +6,8 @@ regress is the gateway's cost relative to the same engine measured in the same r
 in front of one simulator replica (the engine of compare.py):
 
 - latency: Switchyard with everything on (auth, both limits, billing worker, least-load
-  routing) vs direct, p50 at a low open-loop rate (20 req/s, no queueing), non-streaming and
-  streaming; direct and gateway alternate in short rounds and the median ratio counts;
+  routing) vs direct, p50 at a low open-loop rate (20 req/s each, no queueing), non-streaming
+  and streaming; both sides are measured at the same time, in 3 rounds, median ratio;
 - saturation: closed loop at concurrency 32, the targets alternating in short rounds (median
   round): throughput gateway / direct, and the gateway's CPU per request over the simulator's
   CPU for the same requests (CPU time is far less noisy than wall-clock throughput here);
@@ -30,39 +30,49 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.bench.load import LoadPlan  # noqa: E402
+from app.bench.load import LoadPlan, run_together  # noqa: E402
 from bench.compare import ENGINE, LITELLM_EXE, Target, measure, targets, workload  # noqa: E402
 from bench.overhead import RESULTS, machine  # noqa: E402
 
 BASELINE = REPO / "bench" / "baseline.json"
 LOW_RATE = 20.0
 ROUNDS = 3
-ROUND_S = 3.0
+ROUND_S = 4.0
 SATURATION_C = 32
 SATURATION_N = 600  # per round and target
 LITELLM_C = 16
 LITELLM_N = 120  # LiteLLM manages ~30-70 req/s here: ~3 s a round
 
 
-def low_rate_p50(target: Target, stream: bool) -> float:
-    plan = LoadPlan(
-        base_url=f"{target.url}/v1",
-        workload=workload(target, stream),
-        rate=LOW_RATE,
-        duration_s=ROUND_S,
-        warmup=5,
-        timeout_s=30,
-    )
-    _, row = measure(target, plan)
-    if row["ok"] < row["requests"]:
-        raise SystemExit(f"regress: {target.name} failed requests at {LOW_RATE}/s: {row}")
-    return float(row["latency_ms"]["p50"])
+def low_rate_pair(direct: Target, gateway: Target, stream: bool, round_no: int) -> list[float]:
+    """p50 of direct and of the gateway, measured at the same time (independent Poisson
+    arrivals, LOW_RATE each): both see the same machine, so their ratio is what the gateway
+    adds, not what the neighbours did during one side's turn."""
+    plans = [
+        LoadPlan(
+            base_url=f"{t.url}/v1",
+            workload=replace(workload(t, stream), seed=2 * round_no + i),
+            rate=LOW_RATE,
+            duration_s=ROUND_S,
+            warmup=5,
+            timeout_s=30,
+        )
+        for i, t in enumerate((direct, gateway))
+    ]
+    p50s = []
+    for target, result in zip((direct, gateway), run_together(plans), strict=True):
+        s = result.summary
+        if s["ok"] < s["requests"]:
+            raise SystemExit(f"regress: {target.name} failed requests at {LOW_RATE}/s: {s}")
+        p50s.append(float(s["latency_ms"]["p50"]))
+    return p50s
 
 
 def saturation(target: Target, concurrency: int, requests: int) -> dict[str, Any]:
@@ -89,8 +99,8 @@ def measure_ratios(t: dict[str, Target]) -> tuple[dict[str, float], dict[str, An
     direct, gateway = t["direct"], t["switchyard"]
     for stream in (False, True):
         per_round = []
-        for _ in range(ROUNDS):
-            d, g = low_rate_p50(direct, stream), low_rate_p50(gateway, stream)
+        for n in range(ROUNDS):
+            d, g = low_rate_pair(direct, gateway, stream, n)
             per_round.append({"direct_p50_ms": d, "switchyard_p50_ms": g, "ratio": g / d})
         name = f"latency_p50_{'stream' if stream else 'whole'}_switchyard_over_direct"
         ratios[name] = round(statistics.median(r["ratio"] for r in per_round), 3)
