@@ -134,7 +134,8 @@ class _Runner:
         self.records: list[RequestRecord] = []
 
     async def one(self, session: aiohttp.ClientSession, p: Planned, record: RequestRecord) -> None:
-        self.live.in_flight += 1
+        """Send and account for one request (the caller counted it in flight already, so the
+        open loop's cap also sees requests whose task has not started yet)."""
         try:
             await send(
                 session, self.url, p.body, self.headers[p.key], record, self.plan.workload.stream
@@ -191,6 +192,7 @@ class _Runner:
                 record.error = DROPPED
                 self.live.finish(record)
                 continue
+            self.live.in_flight += 1
             task = asyncio.create_task(self.one(session, p, record))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -214,6 +216,7 @@ class _Runner:
                 if deadline is not None and now >= deadline:
                     return
                 p = next(self.requests)
+                self.live.in_flight += 1
                 await self.one(session, p, self.record(p, now))
 
         await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
