@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from app.bench.client import LoadSpec, percentiles, run_load
 from tests.bench.conftest import base_url, run
 from tests.conftest import sim_config
 from tests.support.procs import Proc
@@ -25,3 +28,22 @@ def test_closed_loop_for_a_duration(bench_sim: Proc) -> None:
     assert s["ok"] > 10
     last_start = max(r.due for r in result.records) - result.started
     assert last_start < 0.8
+
+
+def test_the_older_closed_loop_api_of_the_bench_scripts_still_works(
+    simulators: dict[str, list[Proc]],
+) -> None:
+    spec = LoadSpec(
+        base_url=base_url(simulators["chat-small"][0]),
+        model="chat-small",
+        concurrency=4,
+        requests=40,
+        stream=True,
+        warmup=2,
+    )
+    result = asyncio.run(run_load(spec))
+    assert result.ok == 40
+    assert result.errors == {}
+    assert set(result.latency_ms) >= {"p50", "p99"}
+    assert result.ttft_ms["p50"] < result.latency_ms["p50"]
+    assert percentiles([0.001, 0.002])["max"] == 2.0
