@@ -58,7 +58,7 @@ def _settings(**overrides: Any) -> Settings:
 def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.http_protocol import CoalescingHttpToolsProtocol
+    from app.http_protocol import GatewayHttpProtocol
     from app.logs import configure
     from app.server import create_app
 
@@ -82,7 +82,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             host=settings.host,
             port=settings.port,
             loop="uvloop",
-            http=CoalescingHttpToolsProtocol,
+            http=GatewayHttpProtocol,
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=10,
@@ -93,7 +93,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=CoalescingHttpToolsProtocol,
+        http=GatewayHttpProtocol,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,

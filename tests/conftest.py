@@ -22,7 +22,7 @@ import pytest
 import redis as redis_sync
 import uvicorn
 
-from app.http_protocol import CoalescingHttpToolsProtocol
+from app.http_protocol import GatewayHttpProtocol
 from app.server import create_app
 from app.settings import Settings
 from tests.support.procs import Proc, free_port, start
@@ -142,7 +142,7 @@ class GatewayServer:
             host="127.0.0.1",
             port=self.port,
             loop="uvloop",
-            http=CoalescingHttpToolsProtocol,
+            http=GatewayHttpProtocol,
             log_config=None,
             access_log=False,
             lifespan="on",

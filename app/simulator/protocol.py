@@ -184,6 +184,8 @@ def _opt_int(data: dict[str, Any], key: str, minimum: int | None = None) -> int 
     value = data.get(key)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # like vLLM (pydantic's int): 16.0 is 16
     if not isinstance(value, int) or isinstance(value, bool):
         raise errors.bad_request(f"{key} must be an integer", param=key, value=value)
     if minimum is not None and value < minimum:
