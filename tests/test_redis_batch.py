@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
@@ -11,22 +12,31 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from app.redis_batch import PipelineBatcher
+from tests.support.platform import RedisProcess
 
 
-class CountingRedis(Redis):
-    """Counts pipelines, i.e. round trips."""
+class RoundTrips:
+    """Counts the connections the batcher takes from the pool: one per round trip."""
 
-    pipelines = 0
+    count = 0
 
-    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
-        CountingRedis.pipelines += 1
-        return super().pipeline(*args, **kwargs)
+    @classmethod
+    def watch(cls, redis: Redis) -> None:
+        pool = redis.connection_pool
+        take = pool.get_connection
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            cls.count += 1
+            return await take(*args, **kwargs)
+
+        pool.get_connection = counted  # type: ignore[method-assign]
 
 
 def run(redis_url: str, scenario: Any) -> Any:
     async def main() -> Any:
-        CountingRedis.pipelines = 0
-        redis = CountingRedis.from_url(redis_url)
+        RoundTrips.count = 0
+        redis = Redis.from_url(redis_url)
+        RoundTrips.watch(redis)
         try:
             return await scenario(redis, PipelineBatcher(redis, lazy_delay_s=0.05))
         finally:
@@ -42,18 +52,18 @@ def test_urgent_commands_of_one_loop_turn_share_one_round_trip(redis_url: str) -
 
     results = run(redis_url, scenario)
     assert results == [[1, b"1"], [3, b"3"], [6, b"6"]]  # each caller gets its own replies
-    assert CountingRedis.pipelines == 1
+    assert RoundTrips.count == 1
 
 
 def test_a_lazy_command_alone_waits_for_its_delay(redis_url: str) -> None:
     async def scenario(redis: Redis, batcher: PipelineBatcher) -> float:
         t0 = time.perf_counter()
-        assert await batcher.submit([("SET", "k", "v")], lazy=True) == [True]
+        assert await batcher.submit([("SET", "k", "v")], lazy=True) == [b"OK"]  # raw replies
         return time.perf_counter() - t0
 
     waited = run(redis_url, scenario)
     assert 0.045 <= waited < 1.0
-    assert CountingRedis.pipelines == 1
+    assert RoundTrips.count == 1
 
 
 def test_a_lazy_command_rides_along_with_the_next_urgent_one(redis_url: str) -> None:
@@ -62,13 +72,13 @@ def test_a_lazy_command_rides_along_with_the_next_urgent_one(redis_url: str) -> 
         lazy = batcher.submit([("SET", "k", "v")], lazy=True)
         await asyncio.sleep(0.005)
         urgent = await batcher.submit([("GET", "k")])
-        assert await lazy == [True]
+        assert await lazy == [b"OK"]
         return time.perf_counter() - t0, urgent
 
     elapsed, urgent = run(redis_url, scenario)
     assert urgent == [b"v"]  # queued first, so applied first
     assert elapsed < 0.045  # neither waited for the lazy delay
-    assert CountingRedis.pipelines == 1
+    assert RoundTrips.count == 1
 
 
 def test_a_command_error_reaches_only_its_caller(redis_url: str) -> None:
@@ -78,7 +88,7 @@ def test_a_command_error_reaches_only_its_caller(redis_url: str) -> None:
         return list(await asyncio.gather(good, bad))
 
     good, bad = run(redis_url, scenario)
-    assert good == [True]
+    assert good == [b"OK"]
     assert isinstance(bad[0], ResponseError)  # not an integer
     assert bad[1] == b"text"  # the rest of the batch still ran
 
@@ -104,4 +114,26 @@ def test_a_full_queue_is_sent_at_once(redis_url: str) -> None:
         return int(await redis.get("n"))
 
     assert run(redis_url, scenario) == 600
-    assert CountingRedis.pipelines == 2  # 512 at once, then the rest after the delay
+    assert RoundTrips.count == 3  # 512 at once, the rest after the delay, then the GET
+
+
+def test_after_a_redis_restart_the_next_batch_succeeds(tmp_path: Path) -> None:
+    """Every pooled connection died with the old server; nothing had run on it, so the batch
+    is sent again on a fresh connection instead of failing its callers."""
+    server = RedisProcess(tmp_path / "redis").start()
+    try:
+
+        async def main() -> list[Any]:
+            redis = Redis.from_url(server.url)
+            batcher = PipelineBatcher(redis)
+            assert await batcher.submit([("SET", "k", "1")]) == [b"OK"]
+            server.kill()
+            server.start()
+            try:
+                return await batcher.submit([("INCR", "k")])
+            finally:
+                await redis.aclose()
+
+        assert asyncio.run(main()) == [2]  # AOF kept the first write
+    finally:
+        server.stop()
