@@ -59,7 +59,7 @@ import redis
 import app.usage
 from app.billing.record import STREAM, Spool
 from app.billing.reports import reconcile
-from tests.conftest import GatewayFactory, GatewayServer, start_simulator, wait_for
+from tests.conftest import GatewayFactory, GatewayServer, sim_stats, start_simulator, wait_for
 from tests.support.fake_stripe import FakeStripe, Fault
 from tests.support.platform import RedisProcess, start_billing_worker
 from tests.support.procs import Proc
@@ -484,7 +484,11 @@ def test_faults_under_load_lose_nothing_and_bill_exactly_what_was_served(
         for row in rows
     ), rows
     assert {(row["customer"], row["meter"]): row["recorded"] for row in rows} == dict(served)
+    # -- and the faults did bite ----------------------------------------------------------------
     assert spooled > 0, "usage went to the spool while Redis was away"
+    assert during_outage > 0, "the gateways served while Redis was away"
+    assert sim_stats(replicas[1])["finished"] > len(outcomes) / 2, "the survivor took over"
+    assert "will retry" in worker_log.read_text(), "the worker met Stripe's failures"
     assert len({c for c, _ in keys}) == len({c for c, _ in served})
 
 
