@@ -56,6 +56,8 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    from functools import partial
+
     import uvicorn
 
     from app.http_protocol import GatewayHttpProtocol
@@ -69,6 +71,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     settings = _settings(**overrides)
     configure(settings.log_level)
+    protocol = partial(GatewayHttpProtocol, head_timeout_s=settings.request_head_timeout_s)
     if not settings.catalog.models:
         print(
             "switchyard: warning: the catalogue is empty (set SWITCHYARD_CATALOG)", file=sys.stderr
@@ -82,7 +85,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             host=settings.host,
             port=settings.port,
             loop="uvloop",
-            http=GatewayHttpProtocol,
+            http=protocol,  # type: ignore[arg-type]
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=10,
@@ -93,7 +96,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=GatewayHttpProtocol,
+        http=protocol,  # type: ignore[arg-type]
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,

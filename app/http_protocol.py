@@ -12,7 +12,9 @@ import asyncio
 from typing import Any
 
 import orjson
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from app.errors import APIError
 
@@ -65,34 +67,59 @@ MAX_HEAD_BYTES = 64 * 1024
 
 
 class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
-    """The gateway's HTTP protocol: coalesced writes, and a bound on the request head.
+    """The gateway's HTTP protocol: coalesced writes, and bounds on the request head.
 
     httptools keeps a request's line and headers in memory however long they grow (uvicorn's
     ``h11_max_incomplete_event_size`` applies to h11 only), so one client could make the
     gateway buffer megabytes of headers. A head longer than ``MAX_HEAD_BYTES`` is answered
     431 (OpenAI-shaped) and the connection closed: once complete (its line and headers
     counted exactly), or as soon as more than that has arrived without completing it (so at
-    most one read more is ever held)."""
+    most one read more is ever held).
+
+    uvicorn also waits without end for a head that never completes (a connection that sends
+    nothing, or a header a byte at a time: slowloris); a head not complete ``head_timeout_s``
+    after the connection opened or the request began is answered 408 and the connection
+    closed. Bodies and idle keep-alive connections keep uvicorn's own handling."""
 
     max_head_bytes = MAX_HEAD_BYTES
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        head_timeout_s: float = 30.0,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._in_head = True
         self._head_bytes = 0  # read while the head was incomplete
         self._refused = False
         super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         if self._refused:
             return
         self._in_head = True
         self._head_bytes = 0
+        if self._head_timer is None:
+            self._start_head_timer()
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         if self._refused:
             return
         self._in_head = False
+        self._stop_head_timer()
         size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
         if size > self.max_head_bytes:
             self._refuse_head()
@@ -117,15 +144,32 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
         if self._head_bytes > self.max_head_bytes:
             self._refuse_head()
 
+    def _start_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self._refused and not self.transport.is_closing():
+            waited = f"{self.head_timeout_s:g}s"
+            message = f"The request line and headers did not arrive within {waited}."
+            self._refuse(APIError(408, message, code="request_timeout"), b"Request Timeout")
+
     def _refuse_head(self) -> None:
+        message = f"The request line and headers are larger than {self.max_head_bytes} bytes."
+        error = APIError(431, message, code="request_header_too_large")
+        self._refuse(error, b"Request Header Fields Too Large")
+
+    def _refuse(self, error: APIError, reason: bytes) -> None:
+        """Answer before any ASGI request exists, and close the connection."""
         self._refused = True
-        error = APIError(
-            431,
-            f"The request line and headers are larger than {self.max_head_bytes} bytes.",
-            code="request_header_too_large",
-        )
+        self._stop_head_timer()
         body = orjson.dumps(error.body())
-        head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+        head = [b"HTTP/1.1 " + str(error.status).encode() + b" " + reason + b"\r\n"]
         head += [k + b": " + v + b"\r\n" for k, v in self.server_state.default_headers]
         head += [
             b"content-type: application/json\r\n",

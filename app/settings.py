@@ -55,6 +55,9 @@ class Settings(BaseSettings):
 
     # Hot-path limits and timeouts.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    request_head_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A request line and headers must arrive within this"
+    )
     key_cache_ttl_s: float = Field(
         1.0, gt=0, le=1.0, description="Bounds how long a revoked key keeps working (<= 1 s)"
     )

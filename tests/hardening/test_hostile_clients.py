@@ -31,6 +31,7 @@ from tests.support.procs import Proc, free_port, start, switchyard
 
 BODY_LIMIT = 65_536
 TOTAL_TIMEOUT_S = 4.0
+HEAD_TIMEOUT_S = 2.0
 IDLE_CONNECTIONS = 1500
 MiB = 1024 * 1024
 LONG_STREAM_TOKENS = 200_000  # ~30 MB of events, far more than the memory bound below
@@ -109,6 +110,7 @@ def gw(
         "SWITCHYARD_SPOOL_DIR": str(home / "spool"),
         "SWITCHYARD_MAX_BODY_BYTES": str(BODY_LIMIT),
         "SWITCHYARD_TOTAL_TIMEOUT_S": str(TOTAL_TIMEOUT_S),
+        "SWITCHYARD_REQUEST_HEAD_TIMEOUT_S": str(HEAD_TIMEOUT_S),
         "SWITCHYARD_LOG_LEVEL": "info",
     }
     proc = start(
@@ -277,6 +279,34 @@ def test_a_16_mib_header_does_not_grow_the_gateway(gw: Gateway) -> None:
     assert gw.rss() - rss_before < 4 * MiB
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le"],
+    ids=["nothing", "half a head"],
+)
+def test_a_head_that_does_not_arrive_in_time_gets_408(gw: Gateway, sent: bytes) -> None:
+    with connect(gw) as sock:
+        sock.sendall(sent)
+        began = time.monotonic()
+        answer = read_answer(sock)
+    assert_openai_error(answer, 408)
+    assert HEAD_TIMEOUT_S - 0.5 < time.monotonic() - began < HEAD_TIMEOUT_S + 2
+
+
+def test_a_head_trickled_a_byte_at_a_time_gets_408(gw: Gateway) -> None:
+    with connect(gw) as sock:
+        began = time.monotonic()
+        try:
+            for byte in get_with_headers(gw, b"X-Slow: " + b"a" * 1000 + b"\r\n"):
+                sock.sendall(bytes([byte]))
+                time.sleep(0.01)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed on us: the point
+        answer = read_answer(sock)
+    assert_openai_error(answer, 408)
+    assert time.monotonic() - began < HEAD_TIMEOUT_S + 2
+
+
 # -- bodies -----------------------------------------------------------------------------------
 
 
@@ -374,6 +404,27 @@ def test_thousands_of_idle_connections_do_not_keep_a_normal_client_waiting(
     )
     assert waited < 2.0
     assert grown < 64 * MiB
+
+
+def test_idle_connections_are_closed_after_the_head_timeout(gw: Gateway) -> None:
+    idle = []
+    try:
+        for i in range(1000):
+            sock = connect(gw)
+            sock.sendall(b"" if i % 2 else b"GET /healthz HTTP/1.1\r\nHo")
+            idle.append(sock)
+        opened = time.monotonic()
+        peak = 0
+        while time.monotonic() < opened + HEAD_TIMEOUT_S / 2:
+            peak = max(peak, len(gw.process.net_connections("tcp")))
+            time.sleep(0.05)
+        time.sleep(HEAD_TIMEOUT_S + 1)
+        remaining = len(gw.process.net_connections("tcp"))
+    finally:
+        for sock in idle:
+            sock.close()
+    assert peak >= 900  # they were accepted ...
+    assert remaining < 100  # ... and closed: what is left is Redis, the engine, the listener
 
 
 # -- streams and slow readers -----------------------------------------------------------------
