@@ -88,6 +88,11 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.slow_clients = Counter(
+            "switchyard_slow_clients",
+            "Streams cut off at the total timeout because the client stopped reading.",
+            registry=r,
+        )
         self.limiter_decisions = Counter(
             "switchyard_ratelimit_decisions",
             "Rate-limit decisions, by mode (redis|local|off|closed) and result.",

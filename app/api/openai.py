@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -63,6 +63,9 @@ COMPLETIONS_DEFAULT = 16  # max_tokens of /v1/completions when absent (OpenAI, v
 _ARTICLE = {ModelKind.chat: "a", ModelKind.completion: "a", ModelKind.embedding: "an"}
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+# The server may offer a way to drop a connection at once (an ASGI app has none of its own):
+# ``scope["extensions"][ABORT_EXTENSION]()``, set by app.http_protocol.
+ABORT_EXTENSION = "switchyard.abort"
 _T = TypeVar("_T")
 
 
@@ -182,6 +185,7 @@ class ProxyEndpoints:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         svc: Services = scope["app"].state.services
         state = _Exchange(svc, scope["path"], time.perf_counter())
+        state.abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
         try:
             await self._serve(state, dict(scope["headers"]), receive, send)
         except APIError as exc:
@@ -308,6 +312,7 @@ class _Exchange:
     """What one request's metrics need, filled in as it goes."""
 
     __slots__ = (
+        "abort",
         "endpoint",
         "headers",
         "model",
@@ -327,6 +332,7 @@ class _Exchange:
         self.response_started = False
         self.headers: list[tuple[bytes, bytes]] = []
         self.route: Route | None = None
+        self.abort: Callable[[], None] | None = None  # drops the client connection at once
 
     def record(self) -> None:
         metrics = self.svc.metrics
@@ -366,17 +372,68 @@ class _DisconnectWatcher:
 async def _send_stream(
     state: _Exchange, call: Call, relay: StreamRelay, send: Send, watcher: _DisconnectWatcher
 ) -> None:
+    """Relay a primed stream. One timer keeps the request's total deadline over the engine's
+    reads and the client's writes alike: past it, a stream waiting for the engine ends with an
+    error event, and one waiting for a client that does not read is cut off (the connection
+    aborted, so neither a task nor a socket buffer stays behind)."""
+    owner = asyncio.current_task()
+    assert owner is not None
+    expired = False
+    sending = True
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        owner.cancel()
+
+    remaining = call.started + state.svc.settings.total_timeout_s - time.perf_counter()
+    timer = asyncio.get_running_loop().call_later(max(0.001, remaining), expire)
     try:
         headers = [*_SSE_HEADERS, (b"x-request-id", call.request_id.encode()), *state.headers]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         state.response_started = True
         state.status = 200
+        sending = False
         async for chunk in relay.events():
+            sending = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sending = False
         watcher.done = True
+        sending = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not expired or watcher.gone:
+            raise
+        owner.uncancel()
+        await _past_deadline(state, relay, send, watcher, client_stuck=sending)
     finally:
+        timer.cancel()
         relay.finish()
+
+
+async def _past_deadline(
+    state: _Exchange,
+    relay: StreamRelay,
+    send: Send,
+    watcher: _DisconnectWatcher,
+    client_stuck: bool,
+) -> None:
+    """The total deadline passed mid-stream: end it cleanly, whoever was slow."""
+    if not client_stuck:  # the engine was slow: say so in the stream, then end it
+        relay_error = relay.broken("timeout", "total timeout")
+        watcher.done = True
+        try:
+            async with asyncio.timeout(1.0):
+                await send({"type": "http.response.body", "body": relay_error, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        except TimeoutError:
+            pass  # and the client does not read either
+    log.info("stream %s cut off: the client stopped reading", state.endpoint)
+    state.svc.metrics.slow_clients.inc()
+    if state.abort is not None:
+        state.abort()
+    raise ClientDisconnected()
 
 
 async def _send_whole(

@@ -273,12 +273,13 @@ class StreamRelay:
         return self._rename(data) if self._rename is not None else data
 
     async def events(self) -> AsyncIterator[bytes]:
+        """The stream's events for the client. No deadline here: a timeout around a generator
+        would also fire while its consumer is blocked writing to a slow client; the request's
+        total deadline is kept by the consumer (see ``api.openai._send_stream``)."""
         metrics = self._proxy.metrics
         model = self._call.spec.name
         route = self._route
         requested, target = (route.requested, route.target) if route else (model, model)
-        total = self._proxy._settings.total_timeout_s
-        deadline = self._call.started + total
         saw_done = False
         try:
             data = self._filter(self._first)
@@ -290,36 +291,39 @@ class StreamRelay:
                 metrics.ttft.labels(requested, target).observe(ttft)
                 if route is not None:
                     route.ttft = ttft
-            async with asyncio.timeout(max(0.001, deadline - time.perf_counter())):
-                while True:
-                    raw = await self._resp.content.readany()
-                    if not raw:
-                        break
-                    data = self._filter(self._splitter.feed(raw))
-                    if data:
-                        saw_done = saw_done or DONE in data
-                        yield data
+            while True:
+                raw = await self._resp.content.readany()
+                if not raw:
+                    break
+                data = self._filter(self._splitter.feed(raw))
+                if data:
+                    saw_done = saw_done or DONE in data
+                    yield data
             if not saw_done:
                 raise aiohttp.ClientPayloadError("stream ended without [DONE]")
             self._completed = True
-        except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
-            reason = "timeout" if isinstance(exc, TimeoutError) else "broken_stream"
-            metrics.upstream_errors.labels(model, reason).inc()
-            log.warning(
-                "proxy: %s stream from %s broke: %s",
-                self._call.request_id,
-                self._replica.url,
-                type(exc).__name__,
-            )
+        except (aiohttp.ClientError, ValueError) as exc:
+            yield self.broken("broken_stream", type(exc).__name__)
+        finally:
+            self.finish()
+
+    def broken(self, reason: str, detail: str) -> bytes:
+        """The error event that ends a stream the engine failed (or was too slow) to finish."""
+        self._proxy.metrics.upstream_errors.labels(self._call.spec.name, reason).inc()
+        log.warning(
+            "proxy: %s stream from %s broke: %s", self._call.request_id, self._replica.url, detail
+        )
+        if reason == "timeout":
+            limit = self._proxy._settings.total_timeout_s
+            err = gateway_timeout(f"The model did not finish within {limit:g}s.")
+        else:
             err = APIError(
                 502,
                 "The model replica failed mid-stream.",
                 type_="upstream_error",
                 code="upstream_error",
             )
-            yield b"data: " + orjson.dumps(err.body()) + b"\n\n"
-        finally:
-            self.finish()
+        return b"data: " + orjson.dumps(err.body()) + b"\n\n"
 
     def finish(self) -> None:
         if self._finished:

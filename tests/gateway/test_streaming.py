@@ -137,3 +137,35 @@ def test_metrics_count_requests_tokens_and_ttft(slow_gateway: GatewayServer) -> 
     text = httpx.get(f"{slow_gateway.url}/metrics").text
     assert key not in text
     assert key.split("-")[1] not in text, "key ids are not metric labels"
+
+
+def test_a_stream_past_the_total_timeout_ends_with_a_timeout_event(
+    gateway_factory: GatewayFactory, slow_sim: Proc
+) -> None:
+    base = slow_sim.url.removesuffix("/health")
+    gw = gateway_factory(
+        catalog={"models": [{"name": "slow-chat", "endpoints": [base]}]}, total_timeout_s=1.0
+    )
+    key = gw.create_key()["key"]
+    body = {"model": "slow-chat", "messages": MSG, "max_tokens": 200, "stream": True}
+    t0 = time.monotonic()
+    with httpx.stream(
+        "POST",
+        f"{gw.url}/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {key}"},
+        timeout=10,
+    ) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    elapsed = time.monotonic() - t0
+    assert 0.9 <= elapsed < 3.0
+    assert 5 <= len(lines) < 40  # ~20 tokens/s for one second, then the error event
+    assert '"code":"upstream_timeout"' in lines[-1]
+    assert "data: [DONE]" not in lines
+    assert metric(gw, "switchyard_upstream_errors_total", model="slow-chat", reason="timeout") == 1
+    wait_for(lambda: sim_stats(slow_sim)["aborted"] == 1, timeout=5)  # the engine stopped
+    # what was generated before the cut is accounted
+    wait_for(
+        lambda: metric(gw, "switchyard_tokens_total", model="slow-chat", type="completion") >= 5
+    )
