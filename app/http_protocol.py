@@ -9,6 +9,9 @@ the writes made in one loop turn leave together in one call (the flush is schedu
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from typing import Any
 
 import orjson
@@ -64,6 +67,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
 
 MAX_HEAD_BYTES = 64 * 1024
+# ASGI extension offered to the app: ``scope["extensions"][ABORT_EXTENSION]()`` drops the
+# connection at once (an ASGI app can only end a response; uvicorn then close()s, which waits
+# for a client that may never read). app/api/openai.py uses it for streams past their deadline.
+ABORT_EXTENSION = "switchyard.abort"
 
 
 class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
@@ -79,7 +86,9 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
     uvicorn also waits without end for a head that never completes (a connection that sends
     nothing, or a header a byte at a time: slowloris); a head not complete ``head_timeout_s``
     after the connection opened or the request began is answered 408 and the connection
-    closed. Bodies and idle keep-alive connections keep uvicorn's own handling."""
+    closed. Bodies and idle keep-alive connections keep uvicorn's own handling.
+
+    Each request's scope offers ``ABORT_EXTENSION``."""
 
     max_head_bytes = MAX_HEAD_BYTES
 
@@ -114,6 +123,22 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
         if self._head_timer is None:
             self._start_head_timer()
         super().on_message_begin()
+        # A callable, not the dict the ASGI types expect of an extension: ours, read by our app.
+        extensions: dict[str, Any] = {ABORT_EXTENSION: self._abort}
+        self.scope["extensions"] = extensions
+
+    def _abort(self) -> None:
+        """Drop the connection now: a reset, so neither this process nor the kernel keeps
+        unsent bytes for a client that does not read, and the ASGI cycle sees the
+        disconnect at once (no 'returned without completing response' error)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        cycle = getattr(self, "cycle", None)
+        if cycle is not None:
+            cycle.disconnected = True
+        self.transport.abort()
 
     def on_headers_complete(self) -> None:
         if self._refused:

@@ -25,7 +25,7 @@ import redis as redis_sync
 import yaml
 
 from app.http_protocol import MAX_HEAD_BYTES
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, wait_for
 from tests.hardening.conftest import base_url, engine
 from tests.support.procs import Proc, free_port, start, switchyard
 
@@ -480,41 +480,33 @@ def read_until_closed(sock: socket.socket, within_s: float) -> tuple[bytes, bool
         data += chunk
 
 
-# Found here, to be fixed in app/proxy/relay.py and app/api/openai.py (being edited elsewhere):
-# the total deadline of a stream (asyncio.timeout around StreamRelay.events) spans the
-# generator's yields, so it fires while the request task waits in send() for a client that does
-# not read. The CancelledError is not a disconnect, leaves the ASGI app, and uvicorn logs
-# "Exception in ASGI application" with a traceback and close()s a transport whose buffer never
-# drains: the connection stays open, silent, until the client goes away.
-NEVER_READ_DEADLINE = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="stream deadline fires inside send(): traceback logged, connection left open "
-    "(app/proxy/relay.py StreamRelay.events, app/api/openai.py _send_stream)",
-)
+def connections_from(gw: Gateway, sock: socket.socket) -> int:
+    port = sock.getsockname()[1]
+    return sum(1 for c in gw.process.net_connections("tcp") if c.raddr and c.raddr.port == port)
 
 
-@NEVER_READ_DEADLINE
 def test_a_client_that_never_reads_is_cut_off_by_the_total_timeout(gw: Gateway) -> None:
     with connect(gw) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(stream_request(gw, LONG_STREAM_TOKENS))
         time.sleep(TOTAL_TIMEOUT_S + 1)  # reads nothing while the deadline passes
+        held = connections_from(gw, sock)
         received, closed = read_until_closed(sock, within_s=3)
     print(f"never-reading client: {len(received)} bytes after the deadline, closed: {closed}")
+    assert held == 0  # the gateway let go of the connection at the deadline
     assert received.startswith(b"HTTP/1.1 200")
     assert b"data: [DONE]" not in received
     assert closed
 
 
-@NEVER_READ_DEADLINE
-def test_a_stream_cut_off_by_the_total_timeout_logs_no_traceback(gw: Gateway) -> None:
+def test_cutting_off_a_client_that_never_reads_logs_no_error(gw: Gateway) -> None:
+    logged = len(gw.log())
     with connect(gw) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(stream_request(gw, LONG_STREAM_TOKENS))
-        time.sleep(TOTAL_TIMEOUT_S + 1)
-    time.sleep(0.5)
-    assert "Traceback" not in gw.log()
+        wait_for(lambda: "cut off" in gw.log()[logged:], timeout=TOTAL_TIMEOUT_S + 3)
+    time.sleep(0.2)
+    assert " ERROR " not in gw.log()[logged:]
 
 
 def test_a_client_that_reads_slowly_gets_the_whole_stream(gw: Gateway) -> None:
@@ -537,3 +529,4 @@ def test_the_gateway_survived_and_logged_no_server_error(gw: Gateway) -> None:
     assert gw.proc.alive()
     assert served_normally(gw) < 2.0
     assert "unhandled error" not in gw.log()
+    assert "Traceback" not in gw.log()
