@@ -24,32 +24,48 @@ class EventInfo:
 
 
 class SSESplitter:
-    """Accumulates bytes and returns complete events (each ending with a blank line)."""
+    """Accumulates bytes and returns complete events (each ending with a blank line).
+
+    Line endings ``\r\n`` become ``\n`` as in one pass over the whole stream, wherever the
+    stream is cut into reads (a read's last ``\r`` waits for the next one). Each byte is
+    copied and searched a bounded number of times, so an engine that sends one huge event in
+    small reads costs linear, not quadratic, time on the event loop."""
 
     def __init__(self, max_buffer: int = 8 * 1024 * 1024) -> None:
-        self._buf = b""
+        self._buf = bytearray()  # normalized bytes of the incomplete event
+        self._cr = False  # the last read ended with b"\r", held back
         self._max = max_buffer
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf + data if self._buf else data
-        if b"\r\n" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
+        if self._cr:
+            data = b"\r" + data
+        self._cr = data.endswith(b"\r")
+        if self._cr:
+            data = data[:-1]
+        if b"\r\n" in data:
+            data = data.replace(b"\r\n", b"\n")
+        buf = self._buf
         events: list[bytes] = []
         start = 0
-        while True:
-            end = buf.find(b"\n\n", start)
-            if end < 0:
-                break
-            events.append(buf[start : end + 2])
-            start = end + 2
-        self._buf = buf[start:]
-        if len(self._buf) > self._max:
+        if not buf:  # the usual case, reads of whole events: split the read itself
+            while (end := data.find(b"\n\n", start)) >= 0:
+                events.append(data[start : end + 2])
+                start = end + 2
+            buf += data[start:]
+        else:
+            search = len(buf) - 1  # the buffer holds no blank line yet
+            buf += data
+            while (end := buf.find(b"\n\n", search)) >= 0:
+                events.append(bytes(buf[start : end + 2]))
+                start = search = end + 2
+            del buf[:start]
+        if len(buf) + self._cr > self._max:
             raise ValueError("upstream sent an event larger than the buffer limit")
         return events
 
     @property
     def pending(self) -> bytes:
-        return self._buf
+        return bytes(self._buf) + (b"\r" if self._cr else b"")
 
 
 def inspect(event: bytes) -> EventInfo:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from starlette.types import Message
 
@@ -318,7 +319,9 @@ def test_any_content_length_header_is_harmless(declared: str) -> None:
 
 # Streams made of the bytes that matter to the splitter, plus anything else.
 sse_bytes = st.lists(
-    st.sampled_from([b"\n", b"\r", b"\r\n", b"\n\n", b"data: ", b'{"a":1}', b"[DONE]", b":"])
+    st.sampled_from(
+        [b"\n", b"\r", b"\r\n", b"\r\r\n", b"\n\n", b"data: ", b'{"a":1}', b"[DONE]", b":"]
+    )
     | st.binary(max_size=8),
     max_size=40,
 ).map(b"".join)
@@ -334,12 +337,14 @@ def feed_all(chunks: list[bytes], max_buffer: int = 8 * 1024 * 1024) -> tuple[li
 
 @PROPERTY
 @given(stream=sse_bytes, cuts=st.lists(st.integers(0, 400), max_size=30))
+@example(stream=b"data: a\r\r\n\n", cuts=[10])  # a CR before a CRLF cut after the CR
 def test_splitting_a_stream_anywhere_yields_the_same_events(stream: bytes, cuts: list[int]) -> None:
     assert feed_all(split(stream, cuts)) == feed_all([stream])
 
 
 @PROPERTY
 @given(stream=sse_bytes, cuts=st.lists(st.integers(0, 400), max_size=30))
+@example(stream=b"data: a\r\r\n\n", cuts=[10])
 def test_events_are_whole_and_no_byte_is_lost(stream: bytes, cuts: list[int]) -> None:
     events, pending = feed_all(split(stream, cuts))
     assert b"".join(events) + pending == stream.replace(b"\r\n", b"\n")
@@ -347,6 +352,18 @@ def test_events_are_whole_and_no_byte_is_lost(stream: bytes, cuts: list[int]) ->
         assert event.endswith(b"\n\n")
         assert b"\n\n" not in event[:-1]
     assert b"\n\n" not in pending
+
+
+def test_one_huge_event_in_small_reads_costs_linear_time() -> None:
+    """An engine sending an 8 MiB event 4 KiB at a time must not stall the event loop (it
+    took 17 s when every read rescanned and recopied the whole buffer)."""
+    event = b"data: " + b"x" * (8 * 1024 * 1024 - 100)
+    splitter = SSESplitter()
+    began = time.perf_counter()
+    for i in range(0, len(event), 4096):
+        assert splitter.feed(event[i : i + 4096]) == []
+    assert splitter.feed(b"\n\n") == [event + b"\n\n"]
+    assert time.perf_counter() - began < 1.0
 
 
 @PROPERTY
