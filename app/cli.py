@@ -71,7 +71,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     settings = _settings(**overrides)
     configure(settings.log_level)
-    protocol = partial(GatewayHttpProtocol, head_timeout_s=settings.request_head_timeout_s)
+    protocol = partial(
+        GatewayHttpProtocol,
+        head_timeout_s=settings.request_head_timeout_s,
+        body_timeout_s=settings.request_body_timeout_s,
+    )
     if not settings.catalog.models:
         print(
             "switchyard: warning: the catalogue is empty (set SWITCHYARD_CATALOG)", file=sys.stderr

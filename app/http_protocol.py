@@ -86,7 +86,9 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
     uvicorn also waits without end for a head that never completes (a connection that sends
     nothing, or a header a byte at a time: slowloris); a head not complete ``head_timeout_s``
     after the connection opened or the request began is answered 408 and the connection
-    closed. Bodies and idle keep-alive connections keep uvicorn's own handling.
+    closed. Likewise a body not complete ``body_timeout_s`` after its headers (408 if no
+    answer has started, the app told of a disconnect). Idle keep-alive connections keep
+    uvicorn's own timeout.
 
     Each request's scope offers ``ABORT_EXTENSION``."""
 
@@ -99,10 +101,13 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
         head_timeout_s: float = 30.0,
+        body_timeout_s: float = 60.0,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.head_timeout_s = head_timeout_s
+        self.body_timeout_s = body_timeout_s
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._in_head = True
@@ -113,6 +118,7 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_body_timer()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -150,12 +156,14 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
             self._refuse_head()
             return
         super().on_headers_complete()
+        self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._stop_body_timer()
         if not self._refused:
             super().on_message_complete()
 
@@ -176,6 +184,26 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        cycle = getattr(self, "cycle", None)
+        if cycle is None or self._refused or self.transport.is_closing():
+            return
+        waited = f"{self.body_timeout_s:g}s"
+        if not cycle.response_started:
+            message = f"The request body did not arrive within {waited} of its headers."
+            self._refuse(APIError(408, message, code="request_timeout"), b"Request Timeout")
+        else:
+            self._refused = True
+            self.transport.close()
+        cycle.disconnected = True  # the app, waiting for the body, hears of a disconnect
+        cycle.message_event.set()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

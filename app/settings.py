@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     request_head_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="A request line and headers must arrive within this"
     )
+    request_body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="A request body must arrive within this of its headers"
+    )
     key_cache_ttl_s: float = Field(
         1.0, gt=0, le=1.0, description="Bounds how long a revoked key keeps working (<= 1 s)"
     )

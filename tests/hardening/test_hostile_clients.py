@@ -32,6 +32,7 @@ from tests.support.procs import Proc, free_port, start, switchyard
 BODY_LIMIT = 65_536
 TOTAL_TIMEOUT_S = 4.0
 HEAD_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 2.0
 IDLE_CONNECTIONS = 1500
 MiB = 1024 * 1024
 LONG_STREAM_TOKENS = 200_000  # ~30 MB of events, far more than the memory bound below
@@ -111,6 +112,7 @@ def gw(
         "SWITCHYARD_MAX_BODY_BYTES": str(BODY_LIMIT),
         "SWITCHYARD_TOTAL_TIMEOUT_S": str(TOTAL_TIMEOUT_S),
         "SWITCHYARD_REQUEST_HEAD_TIMEOUT_S": str(HEAD_TIMEOUT_S),
+        "SWITCHYARD_REQUEST_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
         "SWITCHYARD_LOG_LEVEL": "info",
     }
     proc = start(
@@ -327,6 +329,15 @@ def test_a_body_sent_byte_by_byte_is_served(gw: Gateway) -> None:
     answer = exchange(gw, head, *(body[i : i + 1] for i in range(len(body))), pause_s=0.005)
     assert answer.status == 200, answer
     assert answer.json()["object"] == "chat.completion"
+
+
+def test_a_body_that_stops_arriving_gets_408(gw: Gateway) -> None:
+    with connect(gw) as sock:
+        sock.sendall(request_head(gw, Content_Length="1000") + b'{"model": "chat-sm')
+        began = time.monotonic()
+        answer = read_answer(sock)
+    assert_openai_error(answer, 408)
+    assert BODY_TIMEOUT_S - 0.5 < time.monotonic() - began < BODY_TIMEOUT_S + 2
 
 
 def test_deeply_nested_json_is_refused_with_400(gw: Gateway) -> None:
