@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(item.path).resolve().parents:
             item.add_marker(_THIRD_PARTY_DEPRECATIONS)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_loop_state() -> None:
+    """Pulumi's runtime takes the thread's current event loop, created on first use. A test
+    elsewhere that ran asyncio.run() leaves the thread marked as having had its loop unset,
+    after which none is created; put back the state of a fresh process."""
+    local = asyncio.get_event_loop_policy()._local  # type: ignore[attr-defined]
+    if local._loop is None:
+        local._set_called = False
