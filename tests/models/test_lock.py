@@ -53,7 +53,9 @@ def test_only_one_of_many_waiters_gets_a_stale_lock(tmp_path: Path) -> None:
 
     def contend() -> None:
         nonlocal inside, overlaps
-        lock = VolumeLock(path, stale_after=0.2, heartbeat=0.02, poll=0.01)
+        # stale_after is 50 heartbeats: a holder's heartbeat thread starved for longer (as on
+        # a machine loaded far beyond its cores) would look dead; 0.2 s flaked at load 5.
+        lock = VolumeLock(path, stale_after=1.0, heartbeat=0.02, poll=0.01)
         lock.acquire(timeout=20)
         with guard:
             inside += 1
