@@ -64,8 +64,8 @@ def test_arrivals_do_not_wait_for_answers_and_latency_includes_the_queue(bench_s
     # client timing from its own send after the previous answer would report ~20 ms.
     assert s["latency_ms"]["p90"] > 400
     # Sent when due (a client waiting for answers would lag by up to the ~1 s backlog); the
-    # bound leaves room for a busy machine's scheduler.
-    assert s["send_lag_ms"]["p99"] < 150
+    # bound leaves room for a busy machine's scheduler (195 ms seen at load average 5).
+    assert s["send_lag_ms"]["p99"] < 400
 
 
 def test_beyond_the_in_flight_cap_arrivals_are_dropped_and_counted(bench_sim: Proc) -> None:
