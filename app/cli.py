@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from app.argtypes import positive_int
 from app.auth.keys import Limits
 from app.settings import Settings, SettingsError, load_settings
 
@@ -27,16 +28,6 @@ def _duration(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 12h or 30d")
     return int(m.group(1)) * _UNITS[m.group(2)]
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
 
 
 def _size(text: str) -> int:
@@ -355,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", default=".switchyard", help="logs, data and the catalogue")
     up.add_argument(
         "--replicas",
-        type=_positive,
+        type=positive_int,
         default=2,
         help="simulator replicas per chat model (default 2)",
     )
@@ -365,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--host", default=None)
     gw.add_argument("--port", type=int, default=None)
     gw.add_argument(
-        "--workers", type=_positive, default=1, help="worker processes sharing the port"
+        "--workers", type=positive_int, default=1, help="worker processes sharing the port"
     )
     gw.add_argument(
         "--limit-concurrency",
@@ -384,12 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     kc = ksub.add_parser("create", help="create a key; the plaintext is printed once")
     kc.add_argument("--customer", required=True, help="Stripe customer id, e.g. cus_123")
     kc.add_argument("--models", default=None, help="comma-separated model names (default: all)")
-    kc.add_argument("--rpm", type=_positive, default=None, help="requests per minute")
-    kc.add_argument("--tpm", type=_positive, default=None, help="tokens per minute")
+    kc.add_argument("--rpm", type=positive_int, default=None, help="requests per minute")
+    kc.add_argument("--tpm", type=positive_int, default=None, help="tokens per minute")
     kc.add_argument("--expires-in", type=_duration, default=None, help="e.g. 30d, 12h")
     kc.add_argument("--name", default="", help="a label for humans")
     kc.add_argument(
-        "--max-concurrent", type=_positive, default=None, help="cap on concurrent requests"
+        "--max-concurrent", type=positive_int, default=None, help="cap on concurrent requests"
     )
     kc.add_argument(
         "--model-limits",
@@ -424,15 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
     who = us.add_mutually_exclusive_group(required=True)
     who.add_argument("--customer")
     who.add_argument("--key", help="key id")
-    us.add_argument("--days", type=_positive, default=7)
+    us.add_argument("--days", type=positive_int, default=7)
     us.set_defaults(fn=cmd_usage)
 
     cust = sub.add_parser("customers", help="limits shared by all keys of a customer")
     csub = cust.add_subparsers(dest="customers_command", required=True, metavar="ACTION")
     cl = csub.add_parser("set-limits", help="set (or with no limit options, clear) the limits")
     cl.add_argument("customer")
-    cl.add_argument("--rpm", type=_positive, default=None)
-    cl.add_argument("--tpm", type=_positive, default=None)
+    cl.add_argument("--rpm", type=positive_int, default=None)
+    cl.add_argument("--tpm", type=positive_int, default=None)
     cl.set_defaults(fn=cmd_customers_set_limits)
 
     models = sub.add_parser("models", help="put model weights on the shared volume")
@@ -447,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="names DEST/<revision> (default: the @revision of hf://, else main)",
     )
-    mp.add_argument("--jobs", type=_positive, default=4, help="files fetched at once")
+    mp.add_argument("--jobs", type=positive_int, default=4, help="files fetched at once")
     mp.add_argument(
         "--keep-free", type=_size, default=0, help="refuse unless this much stays free (10G)"
     )

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from app.argtypes import positive_float, positive_int
 from app.bench import report
 from app.bench.load import Live, LoadPlan, run_sync
 from app.bench.progress import MODES, display
@@ -28,26 +29,6 @@ def _key(text: str) -> Key:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="OpenAI base URL")
     p.add_argument(
@@ -61,14 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="chat-small")
     how = p.add_mutually_exclusive_group()
     how.add_argument(
-        "--rate", type=_positive_float, help="open loop: Poisson arrivals at this many req/s"
+        "--rate", type=positive_float, help="open loop: Poisson arrivals at this many req/s"
     )
     how.add_argument(
-        "--concurrency", type=_positive_int, help="closed loop: this many requests at a time (8)"
+        "--concurrency", type=positive_int, help="closed loop: this many requests at a time (8)"
     )
     much = p.add_mutually_exclusive_group()
-    much.add_argument("--requests", type=_positive_int, help="send this many requests (500)")
-    much.add_argument("--duration", type=_positive_float, help="or send for this many seconds")
+    much.add_argument("--requests", type=positive_int, help="send this many requests (500)")
+    much.add_argument("--duration", type=positive_float, help="or send for this many seconds")
     p.add_argument("--stream", action="store_true", help="stream (TTFT and inter-token latency)")
     p.add_argument(
         "--prompt-tokens",
@@ -93,11 +74,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=10, help="unrecorded requests first (10)")
     p.add_argument(
         "--max-in-flight",
-        type=_positive_int,
+        type=positive_int,
         default=1000,
         help="open loop: arrivals beyond this many in flight are dropped and counted (1000)",
     )
-    p.add_argument("--timeout", type=_positive_float, default=60.0, help="per request (60 s)")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="per request (60 s)")
     p.add_argument(
         "--output-dir", type=Path, help="write result.json, result.md and PNG plots here"
     )
