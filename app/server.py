@@ -31,6 +31,7 @@ from app.limits.limiter import Limiter
 from app.limits.peers import PeerCount
 from app.metrics import GatewayMetrics
 from app.proxy.relay import Proxy
+from app.proxy.upstream import UpstreamPool
 from app.redis_batch import PipelineBatcher
 from app.redis_client import redis_client as packed_redis_client
 from app.routing.pool import Router
@@ -64,6 +65,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s),
         auto_decompress=False,
     )
+    upstream = UpstreamPool(settings.connect_timeout_s)  # the proxy's own lean client
     router = Router(settings.catalog, metrics, settings)
     tasks = TaskSet()
     keys = KeyStore(redis)
@@ -92,7 +94,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys=keys,
         auth=Authenticator(keys, settings.key_cache_ttl_s),
         router=router,
-        proxy=Proxy(session, settings, metrics, accounting, tasks),
+        proxy=Proxy(upstream, settings, metrics, accounting, tasks),
         accounting=accounting,
         tasks=tasks,
         limiter=limiter,
@@ -108,6 +110,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await peers.stop()
         await router.stop()
         await tasks.drain()
+        upstream.close()
         await session.close()
         await redis.aclose()
 

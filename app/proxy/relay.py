@@ -16,25 +16,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import TypeVar
 
-import aiohttp
 import orjson
 
 from app.errors import APIError, bad_gateway, gateway_timeout, unavailable
 from app.metrics import GatewayMetrics
 from app.proxy.sse import DONE, SSESplitter, inspect
+from app.proxy.upstream import (
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from app.routing.pool import Replica, Route
 from app.settings import Settings
 from app.usage import Accounting, Call, TaskSet, Usage
 
 log = logging.getLogger(__name__)
 
-_UPSTREAM_HEADERS = {"content-type": "application/json", "accept": "application/json"}
-_CONNECT_ERRORS = (
-    aiohttp.ClientConnectorError,
-    aiohttp.ServerDisconnectedError,
-    aiohttp.ClientOSError,
-    aiohttp.ClientPayloadError,
-)
+_CONNECT_ERRORS = (UpstreamError,)
 _RELAYED_CLIENT_ERRORS = {400, 413, 422}
 _T = TypeVar("_T")
 
@@ -81,13 +80,13 @@ _DISCONNECTED = "The model replica closed the connection."
 class Proxy:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        upstream: UpstreamPool,
         settings: Settings,
         metrics: GatewayMetrics,
         accounting: Accounting,
         tasks: TaskSet,
     ) -> None:
-        self._session = session
+        self._upstream = upstream
         self._settings = settings
         self.metrics = metrics
         self._accounting = accounting
@@ -152,9 +151,7 @@ class Proxy:
     async def _post(self, call: Call, replica: Replica) -> bytes:
         try:
             async with asyncio.timeout(self._settings.total_timeout_s):
-                async with self._session.post(
-                    replica.url + call.endpoint, data=call.body, headers=_UPSTREAM_HEADERS
-                ) as resp:
+                async with await self._upstream.post(replica.url, call.endpoint, call.body) as resp:
                     status, body = resp.status, await resp.read()
         except _CONNECT_ERRORS:
             raise _UpstreamFailure("connect", bad_gateway(_DISCONNECTED), retry=True) from None
@@ -193,21 +190,19 @@ class Proxy:
 
     async def _open_stream(self, call: Call, route: Route, replica: Replica) -> StreamRelay:
         """Connect and read the first event, so that failures before it can fail over."""
-        resp: aiohttp.ClientResponse | None = None
+        resp: UpstreamResponse | None = None
         splitter = SSESplitter()
         first: list[bytes] = []
         timeout = self._settings.first_token_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                resp = await self._session.post(
-                    replica.url + call.endpoint, data=call.body, headers=_UPSTREAM_HEADERS
-                )
+                resp = await self._upstream.post(replica.url, call.endpoint, call.body)
                 if resp.status != 200:
                     _check_status(resp.status, await resp.read())
                 while not first:
-                    data = await resp.content.readany()
+                    data = await resp.readany()
                     if not data:
-                        raise aiohttp.ServerDisconnectedError("stream ended before any event")
+                        raise UpstreamDisconnected("stream ended before any event")
                     first = splitter.feed(data)
         except BaseException as exc:
             replica.outstanding -= 1
@@ -231,7 +226,7 @@ class StreamRelay:
         proxy: Proxy,
         call: Call,
         replica: Replica,
-        resp: aiohttp.ClientResponse,
+        resp: UpstreamResponse,
         splitter: SSESplitter,
         first: list[bytes],
         route: Route | None = None,
@@ -292,7 +287,7 @@ class StreamRelay:
                 if route is not None:
                     route.ttft = ttft
             while True:
-                raw = await self._resp.content.readany()
+                raw = await self._resp.readany()
                 if not raw:
                     break
                 data = self._filter(self._splitter.feed(raw))
@@ -300,9 +295,9 @@ class StreamRelay:
                     saw_done = saw_done or DONE in data
                     yield data
             if not saw_done:
-                raise aiohttp.ClientPayloadError("stream ended without [DONE]")
+                raise UpstreamDisconnected("stream ended without [DONE]")
             self._completed = True
-        except (aiohttp.ClientError, ValueError) as exc:
+        except (UpstreamError, ValueError) as exc:
             yield self.broken("broken_stream", type(exc).__name__)
         finally:
             self.finish()
