@@ -65,7 +65,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s),
         auto_decompress=False,
     )
-    upstream = UpstreamPool(settings.connect_timeout_s)  # the proxy's own lean client
+    # The proxy's own lean client; aiohttp's session below serves health checks and scrapes.
+    upstream = UpstreamPool(settings.connect_timeout_s, max_idle=settings.upstream_max_connections)
     router = Router(settings.catalog, metrics, settings)
     tasks = TaskSet()
     keys = KeyStore(redis)

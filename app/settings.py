@@ -108,7 +108,9 @@ class Settings(BaseSettings):
     gateway_replicas: int = Field(
         1, ge=1, description="Floor of the replica count used for fail-open fair shares"
     )
-    upstream_max_connections: int = Field(1024, ge=1)
+    upstream_max_connections: int = Field(
+        1024, ge=1, description="Idle connections kept open to each replica, at most"
+    )
 
     @field_validator("catalog", mode="before")
     @classmethod

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import ssl
 import time
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -223,9 +225,10 @@ class _Connection(asyncio.Protocol):
 class _HostPool:
     """Idle connections to one replica, most recently used first."""
 
-    def __init__(self, host: str, port: int, idle_s: float, max_idle: int) -> None:
+    def __init__(self, host: str, port: int, idle_s: float, max_idle: int, tls: bool) -> None:
         self.host = host
         self.port = port
+        self.tls = tls
         self._idle: list[_Connection] = []
         self._idle_s = idle_s
         self._max_idle = max_idle
@@ -250,6 +253,11 @@ class _HostPool:
             self._idle.pop()._drop()
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()  # replicas behind TLS: verified like any HTTPS client
+
+
 class UpstreamPool:
     """Keep-alive connections to every replica the gateway talks to.
 
@@ -266,12 +274,13 @@ class UpstreamPool:
         hit = self._hosts.get(base_url)
         if hit is None:
             parts = urlsplit(base_url)
-            if parts.scheme != "http" or not parts.hostname:
+            if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise UpstreamConnectError(f"unsupported replica URL: {base_url}")
-            port = parts.port or 80
+            tls = parts.scheme == "https"
+            port = parts.port or (443 if tls else 80)
             prefix = parts.path.rstrip("/").encode()
             hit = (
-                _HostPool(parts.hostname, port, self._idle_s, self._max_idle),
+                _HostPool(parts.hostname, port, self._idle_s, self._max_idle, tls),
                 prefix,
             )
             self._hosts[base_url] = hit
@@ -318,7 +327,10 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(pool), pool.host, pool.port
+                    lambda: _Connection(pool),
+                    pool.host,
+                    pool.port,
+                    ssl=_tls_context() if pool.tls else None,
                 )
         except (OSError, TimeoutError) as exc:
             raise UpstreamConnectError(

@@ -251,3 +251,22 @@ def test_a_stream_nobody_reads_stops_being_read_from_the_socket() -> None:
     assert first == buffered
     # The server was held back (kernel buffers full), not read dry: 12.8 MB were never sent.
     assert sent["bytes"] < 50 * HIGH_WATER
+
+
+def test_an_https_replica_is_spoken_to_with_tls() -> None:
+    """A plain-HTTP server behind an https:// URL fails the TLS handshake: TLS was tried."""
+
+    async def scenario(url: str, stats: dict[str, Any]) -> None:
+        with pytest.raises(UpstreamConnectError):
+            await UpstreamPool(1.0).post(url.replace("http://", "https://"), "/v1/x", b"")
+        assert stats["connections"] == 1  # it connected, then the handshake failed
+
+    run(echo_forever, scenario)
+
+
+def test_an_unsupported_scheme_is_a_connect_error() -> None:
+    async def main() -> None:
+        with pytest.raises(UpstreamConnectError):
+            await UpstreamPool(1.0).post("ftp://127.0.0.1:21", "/v1/x", b"")
+
+    asyncio.run(main())
