@@ -89,6 +89,11 @@ def _fmt(value: Any, nested: bool = False) -> str:
     return str(value)
 
 
+def _tried(tests: list[dict[str, Any]]) -> int:
+    """Generated inputs (hypothesis, schemathesis), as the hardening conftest records them."""
+    return sum(int(t["properties"].get("inputs_tried", 0)) for t in tests)
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Hardening results",
@@ -96,8 +101,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"`{result['command']}` — {result['finished']}, {result['seconds']:.0f} s, "
         f"{result['machine']['cpus']} CPUs, Python {result['machine']['python']}.",
         "",
-        "| Test file | Tests | Passed | Failed | Skipped / xfail | Seconds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| Test file | Tests | Passed | Failed | Skipped / xfail | Inputs tried | Seconds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     by_file: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for test in result["tests"]:
@@ -107,14 +112,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| `{name}` | {len(tests)} | {counts['passed']} | "
             f"{counts['failed'] + counts['error'] + counts['xpassed']} | "
-            f"{counts['skipped'] + counts['xfailed']} | "
+            f"{counts['skipped'] + counts['xfailed']} | {_tried(tests) or ''} | "
             f"{sum(t['seconds'] for t in tests):.1f} |"
         )
     totals = result["totals"]
     lines += [
         f"| **all** | {sum(totals.values())} | {totals.get('passed', 0)} | "
         f"{totals.get('failed', 0) + totals.get('error', 0) + totals.get('xpassed', 0)} | "
-        f"{totals.get('skipped', 0) + totals.get('xfailed', 0)} | {result['seconds']:.1f} |",
+        f"{totals.get('skipped', 0) + totals.get('xfailed', 0)} | {_tried(result['tests'])} | "
+        f"{result['seconds']:.1f} |",
         "",
         "## Numbers the tests recorded",
         "",

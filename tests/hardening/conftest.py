@@ -8,8 +8,9 @@ test elsewhere that reconfigures the shared simulators cannot disturb them.
 
 from __future__ import annotations
 
+import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,28 @@ def module_key(module_gateway: GatewayServer) -> str:
     """A valid API key of the module's gateway: every model, no limits."""
     key: str = module_gateway.create_key(customer="cus_hardening")["key"]
     return key
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """Count the inputs a hypothesis (or schemathesis) test tried: ``inputs_tried`` in the
+    results table of bench/hardening.py."""
+    handle = getattr(getattr(item, "obj", None), "hypothesis", None)
+    if handle is None:
+        yield
+        return
+    inner = handle.inner_test
+    tried = 0
+
+    @functools.wraps(inner)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal tried
+        tried += 1
+        return inner(*args, **kwargs)
+
+    handle.inner_test = counted
+    try:
+        yield
+    finally:
+        handle.inner_test = inner
+        item.user_properties.append(("inputs_tried", tried))
