@@ -247,12 +247,10 @@ class ProxyEndpoints:
         watcher = _DisconnectWatcher(receive)
         try:
             if stream:
-                relay = await _once_admitted(call, svc.proxy.stream(call, route))
-                state.headers = call.admission.headers  # type: ignore[union-attr]
+                relay = await _once_admitted(state, call, svc.proxy.stream(call, route))
                 await _send_stream(state, call, relay, send, watcher)
             else:
-                body = await _once_admitted(call, svc.proxy.complete(call, route))
-                state.headers = call.admission.headers  # type: ignore[union-attr]
+                body = await _once_admitted(state, call, svc.proxy.complete(call, route))
                 state.status = 200
                 watcher.done = True
                 await _send_whole(send, 200, body, call.request_id, state.headers)
@@ -269,18 +267,27 @@ class ProxyEndpoints:
                 svc.proxy.account(call, Usage(0, 0, "estimated"))
 
 
-async def _once_admitted(call: Call, work: Coroutine[Any, Any, _T]) -> _T:
+async def _once_admitted(state: _Exchange, call: Call, work: Coroutine[Any, Any, _T]) -> _T:
     """``work`` (the upstream call), released to the client only once the limiter admitted it.
 
     With an overlapped decision (``Call.decision``) the upstream call runs while the decision
     is on its way; a refusal cancels it (which closes the upstream connection, so the engine
-    stops) and raises the 429. Inline rather than in a task of its own: it is the hot path."""
+    stops) and raises the 429. Once admitted, the decision's rate-limit headers go on whatever
+    the client gets, an upstream error included. Inline rather than in a task of its own: it
+    is the hot path."""
     decision = call.decision
     if decision is None:
         return await work
     owner = asyncio.current_task()
     assert owner is not None
     waiting = True
+
+    async def admitted() -> bool:
+        if not await call.decided():
+            return False
+        assert call.admission is not None
+        state.headers = call.admission.headers
+        return True
 
     def on_decision(task: asyncio.Task[Admission]) -> None:
         if waiting and (task.cancelled() or task.exception() is not None):
@@ -290,18 +297,18 @@ async def _once_admitted(call: Call, work: Coroutine[Any, Any, _T]) -> _T:
     try:
         result = await work
     except asyncio.CancelledError:
-        if not decision.done() or await call.decided():
+        if not decision.done() or await admitted():
             raise  # the client went away, not a refusal
         owner.uncancel()
         decision.result()  # raises the refusal (429, or 503 when failing closed)
         raise
     except Exception:
-        if not await call.decided():  # a refusal outranks an upstream error
+        if not await admitted():  # a refusal outranks an upstream error
             decision.result()
         raise
     finally:
         waiting = False
-    if not await call.decided():
+    if not await admitted():
         if isinstance(result, StreamRelay):
             result.finish()  # a primed stream holds a connection; its usage is not billed
         decision.result()

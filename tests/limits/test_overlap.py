@@ -12,7 +12,14 @@ import pytest
 import redis
 
 from app.billing.record import STREAM
-from tests.conftest import GatewayFactory, GatewayServer, sim_stats, start_simulator, wait_for
+from tests.conftest import (
+    GatewayFactory,
+    GatewayServer,
+    sim_config,
+    sim_stats,
+    start_simulator,
+    wait_for,
+)
 from tests.gateway.test_streaming import metric
 from tests.limits.test_limits import chat, remaining
 from tests.support.procs import Proc
@@ -137,3 +144,18 @@ def test_overlap_can_be_switched_off(gateway_factory: GatewayFactory) -> None:
     assert all(chat(gw, key).status_code == 200 for _ in range(3))
     assert overlapped(gw) == 0
     assert metric(gw, "switchyard_ratelimit_decisions_total", mode="redis", result="allowed") == 3
+
+
+def test_an_upstream_error_after_an_overlapped_admission_carries_the_limit_headers(
+    slow_gateway: GatewayServer, slow_sim: Proc
+) -> None:
+    key = slow_gateway.create_key(rpm=100)["key"]
+    assert chat(slow_gateway, key, model="slow-chat").status_code == 200
+    sim_config(slow_sim, fail_rate=1.0, fail_status=500)
+    try:
+        failed = chat(slow_gateway, key, model="slow-chat")
+    finally:
+        sim_config(slow_sim, fail_rate=0.0)
+    assert overlapped(slow_gateway, "slow-chat") == 1
+    assert failed.status_code == 502
+    assert remaining(failed, "requests") == 98  # as a request that waited for its decision
