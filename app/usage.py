@@ -128,14 +128,15 @@ class Accounting:
                 usage.source,
             )
         admission = call.admission
-        settle = admission is not None and not admission.settled
-        if admission is not None and settle and usage.source == "upstream":
+        if admission is not None and admission.settled:
+            admission = None  # nothing left to settle
+        if admission is not None and usage.source == "upstream":
             self._limiter.observe_estimate(admission, usage.completion_tokens)
         if self._limiter.breaker.open:
             self._degraded(call, usage, event)
             return
         commands: list[Command] = []
-        if admission is not None and settle:
+        if admission is not None:
             if admission.mode == "redis":
                 command = self._limiter.settle_command(
                     admission, usage.prompt_tokens, usage.completion_tokens
