@@ -72,7 +72,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     keys = KeyStore(redis)
     peers = PeerCount(redis, minimum=settings.gateway_replicas)
     # Limiter decisions and accounting writes share round trips (accounting rides along).
-    batcher = PipelineBatcher(redis)
+    batcher = PipelineBatcher(redis, urgent_timeout_s=settings.limiter_timeout_s)
     limiter = Limiter(
         redis,
         keys,
@@ -111,6 +111,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await peers.stop()
         await router.stop()
         await tasks.drain()
+        await batcher.aclose()
         upstream.close()
         await session.close()
         await redis.aclose()

@@ -53,7 +53,7 @@ class Call:
     admission: Admission | None = None
     accounted: bool = False
     # Set instead of ``admission`` while the limiter's decision is still on its way (overlap).
-    decision: asyncio.Task[Admission] | None = None
+    decision: asyncio.Future[Admission] | None = None
 
     async def decided(self) -> bool:
         """Wait for an overlapped decision; False if the request was refused (never served).

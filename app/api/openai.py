@@ -223,7 +223,7 @@ class ProxyEndpoints:
         request_id = f"req_{uuid.uuid4().hex}"
         prompt_estimate = estimate_prompt_tokens(payload)
         limiter = svc.limiter
-        admit = limiter.admit(key, spec, demand(parsed, spec, prompt_estimate), request_id)
+        wants = demand(parsed, spec, prompt_estimate)
         call = Call(
             request_id=request_id,
             key=key,
@@ -236,10 +236,10 @@ class ProxyEndpoints:
             started=state.started,
         )
         if limiter.may_overlap(key):
-            call.decision = asyncio.get_running_loop().create_task(admit)
+            call.decision = limiter.admit_soon(key, spec, wants, request_id)
             svc.metrics.overlapped.labels(spec.name).inc()
         else:
-            call.admission = await admit
+            call.admission = await limiter.admit(key, spec, wants, request_id)
             state.headers = call.admission.headers
         call.body = upstream_body(payload, spec, stream)
         inflight = svc.metrics.inflight.labels(spec.name)
@@ -289,7 +289,7 @@ async def _once_admitted(state: _Exchange, call: Call, work: Coroutine[Any, Any,
         state.headers = call.admission.headers
         return True
 
-    def on_decision(task: asyncio.Task[Admission]) -> None:
+    def on_decision(task: asyncio.Future[Admission]) -> None:
         if waiting and (task.cancelled() or task.exception() is not None):
             owner.cancel()
 

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
@@ -111,7 +111,7 @@ class Limiter:
         self._cache_ttl = cache_ttl_s
         self._admit: AsyncScript = redis.register_script(_lua("admit.lua"))
         self._settle: AsyncScript = redis.register_script(_lua("settle.lua"))
-        self._batcher = batcher or PipelineBatcher(redis)
+        self._batcher = batcher or PipelineBatcher(redis, urgent_timeout_s=timeout_s)
         self._local = LocalLimiter()
         self._customers: dict[str, tuple[float, Limits | None]] = {}
         self._overlap = overlap
@@ -169,6 +169,58 @@ class Limiter:
                 return await self._admit_redis(key, spec, demand, request_id, budgets)
             except (RedisError, OSError, TimeoutError) as exc:
                 self.breaker.failure(type(exc).__name__)
+        return self._without_redis(key, spec, demand, request_id, budgets)
+
+    def admit_soon(
+        self, key: KeyRecord, spec: ModelSpec, demand: Demand, request_id: str
+    ) -> asyncio.Future[Admission]:
+        """``admit`` for a request that goes upstream meanwhile (see ``may_overlap``), as a
+        future. When the customer's limits are cached and the circuit is closed, the Lua call
+        is queued right away and the reply's callback decides: no task, no coroutine, which
+        is most of what a decision costs the gateway. Otherwise ``admit`` runs as a task."""
+        loop = asyncio.get_running_loop()
+        hit = self._customers.get(key.customer)
+        budgets = budgets_for(key, spec.name, hit[1]) if hit is not None else []
+        if (
+            hit is None
+            or time.monotonic() - hit[0] >= self._cache_ttl
+            or self.breaker.open
+            or not budgets
+        ):
+            return loop.create_task(self.admit(key, spec, demand, request_id))
+        out: asyncio.Future[Admission] = loop.create_future()
+
+        def decide(reply: asyncio.Future[list[Any]]) -> None:
+            try:
+                raw = reply.result()[0]
+                if isinstance(raw, NoScriptError):  # Redis restarted: load it, the long way
+                    task = loop.create_task(self.admit(key, spec, demand, request_id))
+                    task.add_done_callback(lambda t: _chain(t, out))
+                    return
+                out.set_result(self._verdict(raw, key, spec, demand, request_id, budgets))
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.breaker.failure(type(exc).__name__)
+                try:
+                    out.set_result(self._without_redis(key, spec, demand, request_id, budgets))
+                except APIError as refused:
+                    out.set_exception(refused)
+            except asyncio.CancelledError:
+                out.cancel()
+            except Exception as exc:  # a refusal (APIError), or a bug: the request learns it
+                out.set_exception(exc)
+
+        command = self._admit_command(key, spec, demand, request_id, budgets)
+        self._batcher.submit([command]).add_done_callback(decide)
+        return out
+
+    def _without_redis(
+        self,
+        key: KeyRecord,
+        spec: ModelSpec,
+        demand: Demand,
+        request_id: str,
+        budgets: list[Budget],
+    ) -> Admission:
         if self._mode == "fail_closed":
             self._metrics.limiter_decisions.labels("closed", "refused").inc()
             raise unavailable("Rate limiting is unavailable; retry shortly.", 1)
@@ -182,6 +234,22 @@ class Limiter:
         request_id: str,
         budgets: list[Budget],
     ) -> Admission:
+        command = self._admit_command(key, spec, demand, request_id, budgets)
+        # The batcher times urgent commands out (TimeoutError after the limiter's timeout).
+        (raw,) = await self._batcher.submit([command])
+        if isinstance(raw, NoScriptError):
+            await self._redis.script_load(self._admit.script)
+            (raw,) = await self._batcher.submit([command])
+        return self._verdict(raw, key, spec, demand, request_id, budgets)
+
+    def _admit_command(
+        self,
+        key: KeyRecord,
+        spec: ModelSpec,
+        demand: Demand,
+        request_id: str,
+        budgets: list[Budget],
+    ) -> Command:
         argv: list[int | float | str] = [
             demand.prompt_tokens,
             demand.max_tokens if demand.max_tokens is not None else -1,
@@ -196,12 +264,18 @@ class Limiter:
         for b in budgets:
             argv += [b.limit, b.period_ms, int(b.tokens)]
         keys = [learned_key(key, spec.name), lease_key(key), *(b.key for b in budgets)]
-        command = ("EVALSHA", self._admit.sha, len(keys), *keys, *argv)
-        async with asyncio.timeout(self._timeout):
-            (raw,) = await self._batcher.submit([command])
-            if isinstance(raw, NoScriptError):
-                await self._redis.script_load(self._admit.script)
-                (raw,) = await self._batcher.submit([command])
+        return ("EVALSHA", self._admit.sha, len(keys), *keys, *argv)
+
+    def _verdict(
+        self,
+        raw: Any,
+        key: KeyRecord,
+        spec: ModelSpec,
+        demand: Demand,
+        request_id: str,
+        budgets: list[Budget],
+    ) -> Admission:
+        """admit.lua's answer as an Admission, or the 429 it means."""
         if isinstance(raw, Exception):
             raise raw
         self.breaker.success()
@@ -346,6 +420,17 @@ class Limiter:
             self._customers.clear()
         self._customers[customer] = (now, limits)
         return limits
+
+
+def _chain(source: asyncio.Future[Admission], target: asyncio.Future[Admission]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
 
 
 def _headers(

@@ -159,3 +159,21 @@ def test_an_upstream_error_after_an_overlapped_admission_carries_the_limit_heade
     assert overlapped(slow_gateway, "slow-chat") == 1
     assert failed.status_code == 502
     assert remaining(failed, "requests") == 98  # as a request that waited for its decision
+
+
+def test_an_overlapped_decision_survives_redis_losing_its_scripts(
+    gateway: GatewayServer, redis_url: str
+) -> None:
+    """A restarted Redis has no scripts: the overlapped decision meets NOSCRIPT in the reply's
+    callback, loads the script and decides the long way; nothing surfaces to the client."""
+    key = gateway.create_key(rpm=100)["key"]
+    assert chat(gateway, key).status_code == 200
+    with redis.Redis.from_url(redis_url) as r:
+        r.script_flush()
+    second = chat(gateway, key)
+    assert second.status_code == 200
+    assert overlapped(gateway) == 1
+    assert remaining(second, "requests") == 98  # decided in Redis, not locally
+    decisions = "switchyard_ratelimit_decisions_total"
+    assert metric(gateway, decisions, mode="redis", result="allowed") == 2
+    assert metric(gateway, decisions, mode="local", result="allowed") == 0
