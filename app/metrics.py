@@ -165,6 +165,18 @@ class GatewayMetrics:
             ["split", "target"],
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "switchyard_gc_pause_seconds",
+            "Garbage-collector pauses of this process, by generation collected.",
+            ["generation"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+            registry=r,
+        )
+        self.gc_frozen = Gauge(
+            "switchyard_gc_frozen_objects",
+            "Objects moved out of the collector's sight once start-up was done.",
+            registry=r,
+        )
         # Every request asks for the same few label children: prometheus' labels() costs
         # several µs, a cache hit a fraction of one. These children are never removed.
         for metric in (

@@ -27,6 +27,7 @@ from app.auth.authenticator import Authenticator
 from app.auth.keys import KeyStore
 from app.billing.record import Spool, SpoolReplayer
 from app.errors import APIError, internal_error
+from app.gc_tuning import GcPauses, freeze_startup_heap
 from app.limits.limiter import Limiter
 from app.limits.peers import PeerCount
 from app.metrics import GatewayMetrics
@@ -104,9 +105,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await router.start(session)
     await peers.start()
     replayer.start()
+    pauses = GcPauses(metrics.gc_pause)
+    pauses.install()
+    if settings.gc_freeze:
+        metrics.gc_frozen.set(freeze_startup_heap())
     try:
         yield
     finally:
+        pauses.remove()
         await replayer.stop()
         await peers.stop()
         await router.stop()

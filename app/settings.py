@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(
         1024, ge=1, description="Idle connections kept open to each replica, at most"
     )
+    gc_freeze: bool = Field(
+        True,
+        description="Once started, exempt the start-up heap from garbage collection (a full "
+        "collection over it paused every request for up to 72 ms); off only where several "
+        "gateways share one process, as in tests",
+    )
 
     @field_validator("catalog", mode="before")
     @classmethod

@@ -164,7 +164,9 @@ def measure(target: Target, plan: LoadPlan) -> tuple[RunResult, dict[str, Any]]:
     """Run ``plan`` and describe it as one row, with the proxy's CPU over the run."""
     before = cpu_seconds(target.pid) if target.pid else 0.0
     engine_before = cpu_seconds(target.engine_pid) if target.engine_pid else 0.0
+    client_before = time.process_time()
     result = run_sync(plan)
+    client = time.process_time() - client_before
     s = result.summary
     cpu = cpu_seconds(target.pid) - before if target.pid else None
     engine = cpu_seconds(target.engine_pid) - engine_before if target.engine_pid else None
@@ -183,6 +185,7 @@ def measure(target: Target, plan: LoadPlan) -> tuple[RunResult, dict[str, Any]]:
         "send_lag_ms": s["send_lag_ms"],
         "proxy_cpu_s": round(cpu, 3) if cpu is not None else None,
         "engine_cpu_s": round(engine, 3) if engine is not None else None,
+        "client_cpu_s": round(client, 3),  # the load generator (this process)
         # Requests per CPU-second of the proxy = the throughput one fully used core would give.
         "rps_per_core": round(s["ok"] / cpu, 1) if cpu else None,
     }

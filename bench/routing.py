@@ -45,7 +45,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.bench.client import LoadSpec, _one, percentiles  # noqa: E402
+from app.bench.client import LoadSpec, _one, percentiles, poster_for  # noqa: E402
+from app.bench.http import auth_head  # noqa: E402
 from app.local.procs import Child, free_port, http_ok, port_open, spawn, wait_until  # noqa: E402
 from bench.overhead import create_key, machine  # noqa: E402
 
@@ -172,22 +173,22 @@ async def closed_loop(
     max_tokens: int,
 ) -> dict[str, Any]:
     spec = LoadSpec(base_url=f"{base}/v1", model=model, api_key=key, stream=True)
-    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    head = auth_head(key)
     ttfts: list[float] = []
     latencies: list[float] = []
     errors: dict[str, int] = {}
     remaining = requests
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    poster = poster_for(spec)
+    try:
         for _ in range(concurrency):  # warm-up: connections and the gateway's key cache
-            await _one(session, spec, body(model, make_prompt(), 2), headers)
+            await _one(poster, spec, body(model, make_prompt(), 2), head)
 
         async def worker() -> None:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
                 lat, ttft, _, err = await _one(
-                    session, spec, body(model, make_prompt(), max_tokens), headers
+                    poster, spec, body(model, make_prompt(), max_tokens), head
                 )
                 if err is not None:
                     errors[err] = errors.get(err, 0) + 1
@@ -199,6 +200,8 @@ async def closed_loop(
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+    finally:
+        poster.close()
     return {
         "ok": len(latencies),
         "errors": errors,

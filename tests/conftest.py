@@ -208,6 +208,7 @@ def gateway_factory(
             "admin_token": ADMIN_TOKEN,
             "health_interval_s": 0.5,
             "spool_dir": tmp_path / "spool",
+            "gc_freeze": False,  # in-process gateways: the heap is pytest's
         }
         settings = Settings(**(values | overrides))
         gw = GatewayServer(settings).start()

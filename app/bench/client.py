@@ -3,8 +3,8 @@ request count, latency / TTFT percentiles. Kept as it is so that their results s
 with earlier ones; ``switchyard bench`` and the open loop live in load.py (engines),
 workload.py, stats.py, report.py and progress.py.
 
-Raw aiohttp rather than the ``openai`` client: on a small machine the client's own CPU cost
-would otherwise dominate what is being measured.
+A lean HTTP client (app/bench/http.py) rather than the ``openai`` client or aiohttp: on a
+small machine the client's own CPU cost would otherwise dominate what is being measured.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 
+from app.bench.http import Poster, auth_head, error_kind, sse_lines
 from app.bench.stats import percentiles
+from app.proxy.upstream import UpstreamError
 
 __all__ = ["LoadResult", "LoadSpec", "percentiles", "run_load"]
 
@@ -51,15 +52,14 @@ class LoadResult:
 
 
 async def _one(
-    session: aiohttp.ClientSession, spec: LoadSpec, body: bytes, headers: dict[str, str]
+    poster: Poster, spec: LoadSpec, body: bytes, head: bytes
 ) -> tuple[float, float | None, int, str | None]:
     """Return (latency, ttft, completion_tokens, error)."""
-    url = f"{spec.base_url}/chat/completions"
     t0 = time.perf_counter()
     ttft: float | None = None
     tokens = 0
     try:
-        async with session.post(url, data=body, headers=headers) as resp:
+        async with await poster.post(body, head) as resp:
             if resp.status != 200:
                 await resp.read()
                 return time.perf_counter() - t0, None, 0, f"http_{resp.status}"
@@ -67,17 +67,21 @@ async def _one(
                 obj = orjson.loads(await resp.read())
                 tokens = int(obj.get("usage", {}).get("completion_tokens", 0))
                 return time.perf_counter() - t0, None, tokens, None
-            async for line in resp.content:
+            async for now, line in sse_lines(resp):
                 if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
                 if ttft is None and b'"content"' in line:
-                    ttft = time.perf_counter() - t0
+                    ttft = now - t0
                 if b'"usage":{' in line or b'"usage": {' in line:
                     usage = orjson.loads(line[6:]).get("usage") or {}
                     tokens = int(usage.get("completion_tokens", 0))
             return time.perf_counter() - t0, ttft, tokens, None
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return time.perf_counter() - t0, None, 0, type(exc).__name__
+    except (UpstreamError, TimeoutError) as exc:
+        return time.perf_counter() - t0, None, 0, error_kind(exc)
+
+
+def poster_for(spec: LoadSpec) -> Poster:
+    return Poster(f"{spec.base_url}/chat/completions")
 
 
 async def run_load(spec: LoadSpec) -> LoadResult:
@@ -98,21 +102,21 @@ async def run_load(spec: LoadSpec) -> LoadResult:
             )
         return orjson.dumps(payload)
 
-    headers = {"authorization": f"Bearer {spec.api_key}", "content-type": "application/json"}
+    head = auth_head(spec.api_key)
     result = LoadResult(spec=asdict(spec) | {"api_key": "[redacted]"})
     latencies: list[float] = []
     ttfts: list[float] = []
-    connector = aiohttp.TCPConnector(limit=spec.concurrency, limit_per_host=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    poster = poster_for(spec)
+    try:
         for _ in range(spec.warmup):
-            await _one(session, spec, next_body(), headers)
+            await _one(poster, spec, next_body(), head)
         remaining = spec.requests
 
         async def worker() -> None:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                lat, ttft, tokens, err = await _one(session, spec, next_body(), headers)
+                lat, ttft, tokens, err = await _one(poster, spec, next_body(), head)
                 if err is not None:
                     result.errors[err] = result.errors.get(err, 0) + 1
                     continue
@@ -125,6 +129,8 @@ async def run_load(spec: LoadSpec) -> LoadResult:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
         result.wall_s = round(time.perf_counter() - t0, 4)
+    finally:
+        poster.close()
     result.throughput_rps = round(result.ok / result.wall_s, 2) if result.wall_s else 0.0
     result.latency_ms = percentiles(latencies)
     result.ttft_ms = percentiles(ttfts)

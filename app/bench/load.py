@@ -14,14 +14,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import aiohttp
-
+from app.bench.http import Poster, auth_head
 from app.bench.request import send
 from app.bench.stats import DROPPED, RATE_LIMITED, RequestRecord, summarize
 from app.bench.workload import Planned, Workload
@@ -126,20 +126,15 @@ class _Runner:
         self.plan = plan
         self.live = live
         self.url = f"{plan.base_url.rstrip('/')}/{plan.endpoint}"
-        self.headers = [
-            {"authorization": f"Bearer {k.secret}", "content-type": "application/json"}
-            for k in plan.workload.keys
-        ]
+        self.heads = [auth_head(k.secret) for k in plan.workload.keys]
         self.requests = plan.workload.plan()
         self.records: list[RequestRecord] = []
 
-    async def one(self, session: aiohttp.ClientSession, p: Planned, record: RequestRecord) -> None:
+    async def one(self, poster: Poster, p: Planned, record: RequestRecord) -> None:
         """Send and account for one request (the caller counted it in flight already, so the
         open loop's cap also sees requests whose task has not started yet)."""
         try:
-            await send(
-                session, self.url, p.body, self.headers[p.key], record, self.plan.workload.stream
-            )
+            await send(poster, p.body, self.heads[p.key], record, self.plan.workload.stream)
         finally:
             self.live.in_flight -= 1
             self.live.finish(record)
@@ -150,19 +145,12 @@ class _Runner:
         self.records.append(r)
         return r
 
-    async def warmup(self, session: aiohttp.ClientSession) -> None:
+    async def warmup(self, poster: Poster) -> None:
         async def worker(n: int) -> None:
             for _ in range(n):
                 p = next(self.requests)
                 scratch = RequestRecord(p.index, p.key, time.perf_counter())
-                await send(
-                    session,
-                    self.url,
-                    p.body,
-                    self.headers[p.key],
-                    scratch,
-                    self.plan.workload.stream,
-                )
+                await send(poster, p.body, self.heads[p.key], scratch, self.plan.workload.stream)
 
         width = min(self.plan.concurrency or 4, self.plan.warmup)
         if width:
@@ -171,7 +159,7 @@ class _Runner:
             ]
             await asyncio.gather(*(worker(n) for n in share))
 
-    async def open_loop(self, session: aiohttp.ClientSession, t0: float) -> None:
+    async def open_loop(self, poster: Poster, t0: float) -> None:
         plan = self.plan
         assert plan.rate is not None
         tasks: set[asyncio.Task[None]] = set()
@@ -193,13 +181,13 @@ class _Runner:
                 self.live.finish(record)
                 continue
             self.live.in_flight += 1
-            task = asyncio.create_task(self.one(session, p, record))
+            task = asyncio.create_task(self.one(poster, p, record))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.gather(*tasks)
 
-    async def closed_loop(self, session: aiohttp.ClientSession, t0: float) -> None:
+    async def closed_loop(self, poster: Poster, t0: float) -> None:
         plan = self.plan
         assert plan.concurrency is not None
         budget = plan.requests
@@ -217,7 +205,7 @@ class _Runner:
                     return
                 p = next(self.requests)
                 self.live.in_flight += 1
-                await self.one(session, p, self.record(p, now))
+                await self.one(poster, p, self.record(p, now))
 
         await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
 
@@ -226,17 +214,21 @@ async def run(plan: LoadPlan, live: Live | None = None) -> RunResult:
     """Run the plan and summarize it. ``live`` is updated as requests finish."""
     live = live or Live()
     runner = _Runner(plan, live)
-    limit = plan.concurrency or 0  # open loop: our own in-flight cap, not the connector's
-    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0)
-    timeout = aiohttp.ClientTimeout(total=plan.timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await runner.warmup(session)
+    # One connection per request in flight (the open loop's cap is our own, in_flight).
+    poster = Poster(runner.url, plan.timeout_s)
+    gc.collect()
+    gc.freeze()  # the caller's heap out of the collector's way while we time (app/gc_tuning.py)
+    try:
+        await runner.warmup(poster)
         live.total, live.duration_s = plan.requests, plan.duration_s
         t0 = live.started = time.perf_counter()
         if plan.rate is not None:
-            await runner.open_loop(session, t0)
+            await runner.open_loop(poster, t0)
         else:
-            await runner.closed_loop(session, t0)
+            await runner.closed_loop(poster, t0)
+    finally:
+        gc.unfreeze()
+        poster.close()
     result = RunResult(plan, runner.records, t0)
     result.summary = summarize(runner.records, t0, result.key_labels)
     return result

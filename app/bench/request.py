@@ -1,27 +1,17 @@
 """Send one OpenAI-compatible request and fill in its record: status, error kind, time of each
-content chunk, usage. Raw aiohttp and a cheap parse, because on a small machine the load
-generator's own CPU would otherwise be part of what is measured."""
+content chunk, usage. A lean HTTP client (app/bench/http.py) and a cheap parse, because on a
+small machine the load generator's own CPU would otherwise be part of what is measured."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-import aiohttp
 import orjson
 
+from app.bench.http import Poster, error_kind, sse_lines
 from app.bench.stats import RequestRecord
-
-
-def error_kind(exc: BaseException) -> str:
-    """A short, stable name for a client-side failure (the keys of ``errors`` in a report)."""
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return "timeout"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connect"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return "disconnected"
-    return type(exc).__name__
+from app.proxy.upstream import UpstreamError
 
 
 def _has_content(event: dict[str, object]) -> bool:
@@ -45,46 +35,46 @@ def _usage(record: RequestRecord, event: dict[str, object]) -> None:
 
 
 async def send(
-    session: aiohttp.ClientSession,
-    url: str,
+    poster: Poster,
     body: bytes,
-    headers: dict[str, str],
+    head: bytes,
     record: RequestRecord,
     stream: bool,
 ) -> None:
-    """POST ``body`` to ``url``; never raises (failures become ``record.error``)."""
+    """POST ``body`` (with the header lines ``head``); never raises (failures become
+    ``record.error``)."""
     record.sent = time.perf_counter()
     try:
-        async with session.post(url, data=body, headers=headers) as resp:
-            record.status = resp.status
-            if resp.status != 200:
-                await resp.read()
-                record.error = f"http_{resp.status}"
-                return
-            if not stream:
-                _usage(record, orjson.loads(await resp.read()))
-                return
-            done = False
-            async for line in resp.content:
-                if not line.startswith(b"data: "):
-                    continue
-                now = time.perf_counter()
-                data = line[6:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    break
-                event = orjson.loads(data)
-                if "error" in event:
-                    record.error = "stream_error"
+        async with asyncio.timeout(poster.timeout_s):
+            async with await poster.post(body, head) as resp:
+                record.status = resp.status
+                if resp.status != 200:
+                    await resp.read()
+                    record.error = f"http_{resp.status}"
                     return
-                if _has_content(event):
-                    if record.first_token is None:
-                        record.first_token = now
-                    record.chunk_times.append(now)
-                _usage(record, event)
-            if not done:
-                record.error = "broken_stream"
-    except (TimeoutError, aiohttp.ClientError) as exc:
+                if not stream:
+                    _usage(record, orjson.loads(await resp.read()))
+                    return
+                done = False
+                async for now, line in sse_lines(resp):
+                    if done or not line.startswith(b"data: "):
+                        continue  # after [DONE]: read to the end, so the connection is kept
+                    data = line[6:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        continue
+                    event = orjson.loads(data)
+                    if "error" in event:
+                        record.error = "stream_error"
+                        return
+                    if _has_content(event):
+                        if record.first_token is None:
+                            record.first_token = now
+                        record.chunk_times.append(now)
+                    _usage(record, event)
+                if not done:
+                    record.error = "broken_stream"
+    except (TimeoutError, UpstreamError) as exc:
         record.error = error_kind(exc)
     except orjson.JSONDecodeError:
         record.error = "bad_response"

@@ -286,8 +286,11 @@ class UpstreamPool:
             self._hosts[base_url] = hit
         return hit
 
-    async def post(self, base_url: str, path: str, body: bytes) -> UpstreamResponse:
-        """Send ``body`` as JSON to ``base_url + path``; returns once the status is known."""
+    async def post(
+        self, base_url: str, path: str, body: bytes, extra_head: bytes = b""
+    ) -> UpstreamResponse:
+        """Send ``body`` as JSON to ``base_url + path``; returns once the status is known.
+        ``extra_head``: more header lines, each ending in CRLF (the benchmark's API keys)."""
         pool, prefix = self._host(base_url)
         head = b"".join(
             (
@@ -297,7 +300,9 @@ class UpstreamPool:
                 b" HTTP/1.1\r\nhost: ",
                 pool.host.encode(),
                 b":%d\r\ncontent-type: application/json\r\naccept: application/json\r\n"
-                b"content-length: %d\r\n\r\n" % (pool.port, len(body)),
+                b"content-length: %d\r\n" % (pool.port, len(body)),
+                extra_head,
+                b"\r\n",
             )
         )
         conn = pool.take()

@@ -82,6 +82,7 @@ def module_gateway(
         admin_token=ADMIN_TOKEN,
         health_interval_s=0.5,
         spool_dir=tmp_path_factory.mktemp("spool"),
+        gc_freeze=False,  # in-process: the heap is pytest's
     )
     gw = GatewayServer(settings).start()
     yield gw
