@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -71,6 +72,37 @@ MAX_HEAD_BYTES = 64 * 1024
 # connection at once (an ASGI app can only end a response; uvicorn then close()s, which waits
 # for a client that may never read). app/api/openai.py uses it for streams past their deadline.
 ABORT_EXTENSION = "switchyard.abort"
+# ``scope["extensions"][DISCONNECT_EXTENSION]``: a ``DisconnectHook``; the callback set on it
+# runs when the client's connection is lost, so the app need not keep a task blocked in
+# ``receive()`` per request just to learn that.
+DISCONNECT_EXTENSION = "switchyard.disconnect"
+
+
+class DisconnectHook:
+    """At most one callback (the current request's), run once if the connection is lost."""
+
+    __slots__ = ("_callback", "lost")
+
+    def __init__(self) -> None:
+        self._callback: Callable[[], None] | None = None
+        self.lost = False
+
+    def set(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the connection is lost (at once if it already is)."""
+        if self.lost:
+            callback()
+        else:
+            self._callback = callback
+
+    def clear(self, callback: Callable[[], None]) -> None:
+        if self._callback is callback:
+            self._callback = None
+
+    def fire(self) -> None:
+        self.lost = True
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
 class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
@@ -90,7 +122,7 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
     answer has started, the app told of a disconnect). Idle keep-alive connections keep
     uvicorn's own timeout.
 
-    Each request's scope offers ``ABORT_EXTENSION``."""
+    Each request's scope offers ``ABORT_EXTENSION`` and ``DISCONNECT_EXTENSION``."""
 
     max_head_bytes = MAX_HEAD_BYTES
 
@@ -113,6 +145,7 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0  # read while the head was incomplete
         self._refused = False
+        self._disconnect_hook = DisconnectHook()
         super().connection_made(transport)
         self._start_head_timer()
 
@@ -120,6 +153,7 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
         self._stop_head_timer()
         self._stop_body_timer()
         super().connection_lost(exc)
+        self._disconnect_hook.fire()
 
     def on_message_begin(self) -> None:
         if self._refused:
@@ -130,7 +164,10 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
             self._start_head_timer()
         super().on_message_begin()
         # A callable, not the dict the ASGI types expect of an extension: ours, read by our app.
-        extensions: dict[str, Any] = {ABORT_EXTENSION: self._abort}
+        extensions: dict[str, Any] = {
+            ABORT_EXTENSION: self._abort,
+            DISCONNECT_EXTENSION: self._disconnect_hook,
+        }
         self.scope["extensions"] = extensions
 
     def _abort(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
@@ -33,8 +32,10 @@ from app.errors import (
     too_large,
     unprocessable,
 )
+from app.http_protocol import ABORT_EXTENSION, DISCONNECT_EXTENSION, DisconnectHook
 from app.limits.limiter import Admission, Demand
 from app.proxy.relay import StreamRelay
+from app.request_ids import new_request_id
 from app.routing.pool import Route
 from app.routing.strategies import RequestInfo
 from app.services import Services, get_services
@@ -63,9 +64,6 @@ COMPLETIONS_DEFAULT = 16  # max_tokens of /v1/completions when absent (OpenAI, v
 _ARTICLE = {ModelKind.chat: "a", ModelKind.completion: "a", ModelKind.embedding: "an"}
 
 ServicesDep = Annotated[Services, Depends(get_services)]
-# The server may offer a way to drop a connection at once (an ASGI app has none of its own):
-# ``scope["extensions"][ABORT_EXTENSION]()``, set by app.http_protocol.
-ABORT_EXTENSION = "switchyard.abort"
 _T = TypeVar("_T")
 
 
@@ -185,7 +183,10 @@ class ProxyEndpoints:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         svc: Services = scope["app"].state.services
         state = _Exchange(svc, scope["path"], time.perf_counter())
-        state.abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
+        # Offered by app.http_protocol (the gateway's server); absent under other servers.
+        extensions = scope.get("extensions") or {}
+        state.abort = extensions.get(ABORT_EXTENSION)
+        state.disconnect_hook = extensions.get(DISCONNECT_EXTENSION)
         try:
             await self._serve(state, dict(scope["headers"]), receive, send)
         except APIError as exc:
@@ -220,7 +221,7 @@ class ProxyEndpoints:
         spec = route.spec  # the model that serves: an alias's target, or a fallback
         stream = bool(getattr(parsed, "stream", False))
         options = getattr(parsed, "stream_options", None)
-        request_id = f"req_{uuid.uuid4().hex}"
+        request_id = new_request_id()
         prompt_estimate = estimate_prompt_tokens(payload)
         limiter = svc.limiter
         wants = demand(parsed, spec, prompt_estimate)
@@ -235,7 +236,9 @@ class ProxyEndpoints:
             prompt_estimate=prompt_estimate,
             started=state.started,
         )
-        if limiter.may_overlap(key):
+        if (unlimited := limiter.admit_unlimited(key, spec, wants, request_id)) is not None:
+            call.admission = unlimited
+        elif limiter.may_overlap(key):
             call.decision = limiter.admit_soon(key, spec, wants, request_id)
             svc.metrics.overlapped.labels(spec.name).inc()
         else:
@@ -244,7 +247,7 @@ class ProxyEndpoints:
         call.body = upstream_body(payload, spec, stream)
         inflight = svc.metrics.inflight.labels(spec.name)
         inflight.inc()
-        watcher = _DisconnectWatcher(receive)
+        watcher = _DisconnectWatcher(receive, state.disconnect_hook)
         try:
             if stream:
                 relay = await _once_admitted(state, call, svc.proxy.stream(call, route))
@@ -320,6 +323,7 @@ class _Exchange:
 
     __slots__ = (
         "abort",
+        "disconnect_hook",
         "endpoint",
         "headers",
         "model",
@@ -340,6 +344,7 @@ class _Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self.route: Route | None = None
         self.abort: Callable[[], None] | None = None  # drops the client connection at once
+        self.disconnect_hook: DisconnectHook | None = None
 
     def record(self) -> None:
         metrics = self.svc.metrics
@@ -354,26 +359,40 @@ class _Exchange:
 
 
 class _DisconnectWatcher:
-    """Cancels the current task when the client disconnects (once the body has been read)."""
+    """Cancels the current task when the client disconnects (once the body has been read):
+    through the server's disconnect hook when it offers one, else with a task that waits in
+    ``receive()`` for ``http.disconnect``."""
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, hook: DisconnectHook | None) -> None:
         self.gone = False
         self.done = False  # set before the final send: a finished response is no disconnect
         self._receive = receive
         self._owner = asyncio.current_task()
-        self._task = asyncio.get_running_loop().create_task(self._watch())
+        self._hook = hook
+        self._callback = self._lost  # one bound method: the hook clears it by identity
+        self._task: asyncio.Task[None] | None = None
+        if hook is not None:
+            hook.set(self._callback)
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def _lost(self) -> None:
+        if not self.done and self._owner is not None:
+            self.gone = True
+            self._owner.cancel()
 
     async def _watch(self) -> None:
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
-                if not self.done and self._owner is not None:
-                    self.gone = True
-                    self._owner.cancel()
+                self._lost()
                 return
 
     def stop(self) -> None:
-        self._task.cancel()
+        if self._hook is not None:
+            self._hook.clear(self._callback)
+        if self._task is not None:
+            self._task.cancel()
 
 
 async def _send_stream(

@@ -152,24 +152,35 @@ class Limiter:
         customer = await self._customer_limits(key.customer)
         budgets = budgets_for(key, spec.name, customer)
         if not budgets and key.max_concurrent is None:
-            self._metrics.limiter_decisions.labels("off", "allowed").inc()
-            return Admission(
-                request_id,
-                key,
-                spec.name,
-                [],
-                0,
-                demand.completion_guess(),
-                False,
-                "off",
-                demand.n,
-            )
+            return self._unlimited(key, spec, demand, request_id)
         if self.breaker.allow():
             try:
                 return await self._admit_redis(key, spec, demand, request_id, budgets)
             except (RedisError, OSError, TimeoutError) as exc:
                 self.breaker.failure(type(exc).__name__)
         return self._without_redis(key, spec, demand, request_id, budgets)
+
+    def admit_unlimited(
+        self, key: KeyRecord, spec: ModelSpec, demand: Demand, request_id: str
+    ) -> Admission | None:
+        """``admit`` without a coroutine for a key that has nothing to decide (no budget of
+        its own, its customer's limits cached and empty, no concurrency cap); else None."""
+        if key.max_concurrent is not None:
+            return None
+        hit = self._customers.get(key.customer)
+        if hit is None or time.monotonic() - hit[0] >= self._cache_ttl:
+            return None
+        if budgets_for(key, spec.name, hit[1]):
+            return None
+        return self._unlimited(key, spec, demand, request_id)
+
+    def _unlimited(
+        self, key: KeyRecord, spec: ModelSpec, demand: Demand, request_id: str
+    ) -> Admission:
+        self._metrics.limiter_decisions.labels("off", "allowed").inc()
+        return Admission(
+            request_id, key, spec.name, [], 0, demand.completion_guess(), False, "off", demand.n
+        )
 
     def admit_soon(
         self, key: KeyRecord, spec: ModelSpec, demand: Demand, request_id: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from app.http_protocol import CoalescingTransport
+from app.http_protocol import CoalescingTransport, DisconnectHook
 
 
 class RecordingTransport:
@@ -74,3 +74,22 @@ async def _test_nothing_is_written_to_a_closing_transport() -> None:
     await asyncio.sleep(0)
     assert real.writes == []
     assert transport.get_extra_info("peername") == ("127.0.0.1", 1)
+
+
+def test_the_disconnect_hook_runs_the_current_callback_once() -> None:
+
+    calls: list[str] = []
+    hook = DisconnectHook()
+    first, second = (lambda: calls.append("first")), (lambda: calls.append("second"))
+    hook.set(first)
+    hook.clear(second)  # not the registered one: no effect
+    hook.fire()
+    hook.fire()
+    assert calls == ["first"]
+    hook.set(second)  # registered after the loss: runs at once
+    assert calls == ["first", "second"]
+    cleared = DisconnectHook()
+    cleared.set(first)
+    cleared.clear(first)
+    cleared.fire()
+    assert calls == ["first", "second"]
