@@ -89,6 +89,39 @@ class Admission:
     settled: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """One request's question to the limiter, as its decision steps pass it along."""
+
+    key: KeyRecord
+    spec: ModelSpec
+    demand: Demand
+    request_id: str
+    budgets: list[Budget]
+
+    def admitted(
+        self,
+        reserved: int,
+        per_choice: int,
+        learn: bool,
+        mode: Mode,
+        verdicts: list[Verdict],
+        share: int,
+    ) -> Admission:
+        return Admission(
+            self.request_id,
+            self.key,
+            self.spec.name,
+            self.budgets,
+            reserved,
+            per_choice,
+            learn,
+            mode,
+            self.demand.n,
+            _headers(self.budgets, verdicts, share),
+        )
+
+
 class Limiter:
     def __init__(
         self,
@@ -155,10 +188,10 @@ class Limiter:
             return self._unlimited(key, spec, demand, request_id)
         if self.breaker.allow():
             try:
-                return await self._admit_redis(key, spec, demand, request_id, budgets)
+                return await self._admit_redis(_Ask(key, spec, demand, request_id, budgets))
             except (RedisError, OSError, TimeoutError) as exc:
                 self.breaker.failure(type(exc).__name__)
-        return self._without_redis(key, spec, demand, request_id, budgets)
+        return self._without_redis(_Ask(key, spec, demand, request_id, budgets))
 
     def admit_unlimited(
         self, key: KeyRecord, spec: ModelSpec, demand: Demand, request_id: str
@@ -200,6 +233,7 @@ class Limiter:
         ):
             return loop.create_task(self.admit(key, spec, demand, request_id))
         out: asyncio.Future[Admission] = loop.create_future()
+        ask = _Ask(key, spec, demand, request_id, budgets)
 
         def decide(reply: asyncio.Future[list[Any]]) -> None:
             try:
@@ -208,11 +242,11 @@ class Limiter:
                     task = loop.create_task(self.admit(key, spec, demand, request_id))
                     task.add_done_callback(lambda t: _chain(t, out))
                     return
-                out.set_result(self._verdict(raw, key, spec, demand, request_id, budgets))
+                out.set_result(self._verdict(raw, ask))
             except (RedisError, OSError, TimeoutError) as exc:
                 self.breaker.failure(type(exc).__name__)
                 try:
-                    out.set_result(self._without_redis(key, spec, demand, request_id, budgets))
+                    out.set_result(self._without_redis(ask))
                 except APIError as refused:
                     out.set_exception(refused)
             except asyncio.CancelledError:
@@ -220,47 +254,26 @@ class Limiter:
             except Exception as exc:  # a refusal (APIError), or a bug: the request learns it
                 out.set_exception(exc)
 
-        command = self._admit_command(key, spec, demand, request_id, budgets)
-        self._batcher.submit([command]).add_done_callback(decide)
+        self._batcher.submit([self._admit_command(ask)]).add_done_callback(decide)
         return out
 
-    def _without_redis(
-        self,
-        key: KeyRecord,
-        spec: ModelSpec,
-        demand: Demand,
-        request_id: str,
-        budgets: list[Budget],
-    ) -> Admission:
+    def _without_redis(self, ask: _Ask) -> Admission:
         if self._mode == "fail_closed":
             self._metrics.limiter_decisions.labels("closed", "refused").inc()
             raise unavailable("Rate limiting is unavailable; retry shortly.", 1)
-        return self._admit_local(key, spec, demand, request_id, budgets)
+        return self._admit_local(ask)
 
-    async def _admit_redis(
-        self,
-        key: KeyRecord,
-        spec: ModelSpec,
-        demand: Demand,
-        request_id: str,
-        budgets: list[Budget],
-    ) -> Admission:
-        command = self._admit_command(key, spec, demand, request_id, budgets)
+    async def _admit_redis(self, ask: _Ask) -> Admission:
+        command = self._admit_command(ask)
         # The batcher times urgent commands out (TimeoutError after the limiter's timeout).
         (raw,) = await self._batcher.submit([command])
         if isinstance(raw, NoScriptError):
             await self._redis.script_load(self._admit.script)
             (raw,) = await self._batcher.submit([command])
-        return self._verdict(raw, key, spec, demand, request_id, budgets)
+        return self._verdict(raw, ask)
 
-    def _admit_command(
-        self,
-        key: KeyRecord,
-        spec: ModelSpec,
-        demand: Demand,
-        request_id: str,
-        budgets: list[Budget],
-    ) -> Command:
+    def _admit_command(self, ask: _Ask) -> Command:
+        demand, key, budgets = ask.demand, ask.key, ask.budgets
         argv: list[int | float | str] = [
             demand.prompt_tokens,
             demand.max_tokens if demand.max_tokens is not None else -1,
@@ -268,24 +281,16 @@ class Limiter:
             max(0, demand.completion_cap),
             demand.n,
             key.max_concurrent or 0,
-            request_id,
+            ask.request_id,
             LEASE_MS,
             len(budgets),
         ]
         for b in budgets:
             argv += [b.limit, b.period_ms, int(b.tokens)]
-        keys = [learned_key(key, spec.name), lease_key(key), *(b.key for b in budgets)]
+        keys = [learned_key(key, ask.spec.name), lease_key(key), *(b.key for b in budgets)]
         return ("EVALSHA", self._admit.sha, len(keys), *keys, *argv)
 
-    def _verdict(
-        self,
-        raw: Any,
-        key: KeyRecord,
-        spec: ModelSpec,
-        demand: Demand,
-        request_id: str,
-        budgets: list[Budget],
-    ) -> Admission:
+    def _verdict(self, raw: Any, ask: _Ask) -> Admission:
         """admit.lua's answer as an Admission, or the 429 it means."""
         if isinstance(raw, Exception):
             raise raw
@@ -293,49 +298,24 @@ class Limiter:
         allowed, reserved, conc_ok, _learned = (int(x) for x in raw[:4])
         verdicts = [
             Verdict(int(raw[4 + 3 * i]), int(raw[5 + 3 * i]), int(raw[6 + 3 * i]))
-            for i in range(len(budgets))
+            for i in range(len(ask.budgets))
         ]
+        demand = ask.demand
         per_choice = (reserved - demand.prompt_tokens) // max(1, demand.n)
-        admission = Admission(
-            request_id,
-            key,
-            spec.name,
-            budgets,
-            reserved,
-            per_choice,
-            demand.max_tokens is None,
-            "redis",
-            demand.n,
-            _headers(budgets, verdicts),
+        admission = ask.admitted(
+            reserved, per_choice, demand.max_tokens is None, "redis", verdicts, 1
         )
-        self._note_headroom(key, budgets, verdicts, reserved)
+        self._note_headroom(ask.key, ask.budgets, verdicts, reserved)
         self._decide(admission, bool(allowed), bool(conc_ok), verdicts, reserved)
         return admission
 
-    def _admit_local(
-        self,
-        key: KeyRecord,
-        spec: ModelSpec,
-        demand: Demand,
-        request_id: str,
-        budgets: list[Budget],
-    ) -> Admission:
+    def _admit_local(self, ask: _Ask) -> Admission:
+        demand = ask.demand
         per_choice = demand.completion_guess()
         reserved = demand.prompt_tokens + demand.n * per_choice
         share = self._peers.count
-        allowed, verdicts = self._local.admit(budgets, reserved, share)
-        admission = Admission(
-            request_id,
-            key,
-            spec.name,
-            budgets,
-            reserved,
-            per_choice,
-            False,
-            "local",
-            demand.n,
-            _headers(budgets, verdicts, share),
-        )
+        allowed, verdicts = self._local.admit(ask.budgets, reserved, share)
+        admission = ask.admitted(reserved, per_choice, False, "local", verdicts, share)
         self._decide(admission, allowed, True, verdicts, reserved)
         return admission
 
