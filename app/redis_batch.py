@@ -76,6 +76,7 @@ class PipelineBatcher:
         self._link: _Link | None = None
         self._backlog: list[_Waiter] = []  # flushed while no link was up
         self._connecting: asyncio.Task[None] | None = None
+        self._closed = False
         self.batches_sent = 0  # socket writes, i.e. round trips (tests and benchmarks)
 
     def submit(self, commands: Sequence[Command], lazy: bool = False) -> asyncio.Future[list[Any]]:
@@ -137,15 +138,19 @@ class PipelineBatcher:
         if backlog:
             self._send(backlog)
 
-    def _retry(self, waiters: list[_Waiter]) -> None:
+    def _retry(self, waiters: list[_Waiter], exc: Exception) -> None:
         """Callers whose connection dropped before any of their replies (a Redis restart
         leaves the held connection dead): nothing of theirs has run, so they go again, once,
-        on a fresh connection."""
-        self._send(waiters)
+        on a fresh connection; unless the batcher is closing, when they learn ``exc``."""
+        if self._closed:
+            _fail(waiters, exc)
+        else:
+            self._send(waiters)
 
     async def aclose(self) -> None:
         """Send what is queued, wait (briefly) for the replies, then drop the connection."""
         self._flush()
+        self._closed = True
         if self._connecting is not None:
             with contextlib.suppress(Exception):
                 await self._connecting
@@ -165,7 +170,7 @@ class _Link:
         conn: AbstractConnection,
         pool: ConnectionPool,
         reply_timeout_s: float,
-        retry: Callable[[list[_Waiter]], None],
+        retry: Callable[[list[_Waiter], Exception], None],
     ) -> None:
         self._conn = conn
         self._pool = pool
@@ -180,6 +185,7 @@ class _Link:
         self._idle = asyncio.Event()
         self._idle.set()
         self.alive = True
+        self._released: asyncio.Task[None] | None = None
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     def send(self, batch: list[_Waiter]) -> None:
@@ -251,9 +257,9 @@ class _Link:
                 again.append(w)
             else:
                 w.fut.set_exception(exc)
-        asyncio.get_running_loop().create_task(self._release())
+        self._released = asyncio.get_running_loop().create_task(self._release())
         if again:
-            self._retry(again)
+            self._retry(again, exc)
 
     async def drain(self, limit_s: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -263,8 +269,11 @@ class _Link:
     async def close(self) -> None:
         self._task.cancel()
         with contextlib.suppress(BaseException):
-            await self._task
-        await self._release()
+            await self._task  # its end (_lost) releases the connection
+        if self._released is not None:
+            await self._released
+        else:  # cancelled before it ever ran
+            await self._release()
 
     async def _release(self) -> None:
         with contextlib.suppress(Exception):

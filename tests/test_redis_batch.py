@@ -186,3 +186,36 @@ def test_replies_stay_in_order_across_many_interleaved_batches(redis_url: str) -
     results = run(redis_url, scenario)
     assert results == [[b"OK", str(i).encode()] for i in range(300)]
     assert 3 < RoundTrips.count < 300  # callers shared round trips
+
+
+def test_closing_on_a_hung_redis_fails_the_waiting_callers_and_leaves_no_task(
+    tmp_path: Path,
+) -> None:
+    server = RedisProcess(tmp_path / "redis").start()
+    assert server.popen is not None
+    try:
+
+        async def main() -> tuple[BaseException, set[asyncio.Task[Any]]]:
+            redis = Redis.from_url(server.url)
+            batcher = PipelineBatcher(redis, reply_timeout_s=5.0)
+            try:
+                assert await batcher.submit([("PING",)]) == [b"PONG"]  # raw replies
+                assert server.popen is not None
+                server.popen.send_signal(signal.SIGSTOP)
+                pending = batcher.submit([("INCR", "k")], lazy=True)
+                await asyncio.sleep(0.1)  # sent, no reply
+                batcher._reply_timeout = 0.3  # shorten the drain at close
+                await batcher.aclose()
+                (error,) = await asyncio.gather(pending, return_exceptions=True)
+                await asyncio.sleep(0)
+                me = asyncio.current_task()
+                return error, {t for t in asyncio.all_tasks() if t is not me}
+            finally:
+                server.popen.send_signal(signal.SIGCONT)
+                await redis.aclose()
+
+        error, left = asyncio.run(main())
+        assert isinstance(error, RedisConnectionError)  # not retried on a new connection
+        assert left == set()
+    finally:
+        server.stop()
