@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,19 @@ class GatewayServer:
         assert r.status_code == 201, r.text
         data: dict[str, Any] = r.json()
         return data
+
+    def stream_chat(
+        self, key: str, body: dict[str, Any], timeout: float = 10.0
+    ) -> AbstractContextManager[httpx.Response]:
+        """POST ``body`` to chat completions and stream the answer: ``with gw.stream_chat(...)
+        as r``, read with ``r.iter_lines()`` (raw SSE, which the openai client hides)."""
+        return httpx.stream(
+            "POST",
+            f"{self.url}/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {key}"},
+            timeout=timeout,
+        )
 
     def client(self, key: str, **kwargs: Any) -> openai.OpenAI:
         """An openai client for this gateway, closed when the gateway stops."""

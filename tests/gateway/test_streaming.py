@@ -65,13 +65,7 @@ def test_client_disconnect_aborts_the_engine_and_bills_what_was_sent(
     key = slow_gateway.create_key()["key"]
     body = {"model": "slow-chat", "messages": MSG, "max_tokens": 200, "stream": True}
     received = 0
-    with httpx.stream(
-        "POST",
-        f"{slow_gateway.url}/v1/chat/completions",
-        json=body,
-        headers={"authorization": f"Bearer {key}"},
-        timeout=10,
-    ) as r:
+    with slow_gateway.stream_chat(key, body) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
@@ -149,13 +143,7 @@ def test_a_stream_past_the_total_timeout_ends_with_a_timeout_event(
     key = gw.create_key()["key"]
     body = {"model": "slow-chat", "messages": MSG, "max_tokens": 200, "stream": True}
     t0 = time.monotonic()
-    with httpx.stream(
-        "POST",
-        f"{gw.url}/v1/chat/completions",
-        json=body,
-        headers={"authorization": f"Bearer {key}"},
-        timeout=10,
-    ) as r:
+    with gw.stream_chat(key, body) as r:
         assert r.status_code == 200
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     elapsed = time.monotonic() - t0

@@ -128,13 +128,7 @@ def test_stream_cut_by_client_is_charged_for_what_was_generated(
         )
         key = gw.create_key(tpm=5000)["key"]
         body = {"model": "slow-chat", "messages": MSG, "max_tokens": 2000, "stream": True}
-        with httpx.stream(
-            "POST",
-            f"{gw.url}/v1/chat/completions",
-            json=body,
-            headers={"authorization": f"Bearer {key}"},
-            timeout=10,
-        ) as r:
+        with gw.stream_chat(key, body) as r:
             assert remaining(r, "tokens") < 3000  # 2000 reserved up front
             for n, _ in enumerate(r.iter_lines()):
                 if n >= 6:
@@ -249,9 +243,7 @@ def test_concurrency_cap(gateway_factory: GatewayFactory, logs_dir: Path) -> Non
         key = gw.create_key(max_concurrent=1)["key"]
         headers = {"authorization": f"Bearer {key}"}
         body = {"model": "slow-chat", "messages": MSG, "max_tokens": 20, "stream": True}
-        with httpx.stream(
-            "POST", f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=10
-        ) as r:
+        with gw.stream_chat(key, body) as r:
             assert r.status_code == 200
             second = httpx.post(
                 f"{gw.url}/v1/chat/completions",
@@ -305,12 +297,8 @@ def test_unlimited_keys_get_no_limit_headers(gateway: GatewayServer, api_key: st
 
 def test_streams_carry_the_headers_too(gateway: GatewayServer) -> None:
     key = gateway.create_key(rpm=10, tpm=10_000)["key"]
-    with httpx.stream(
-        "POST",
-        f"{gateway.url}/v1/chat/completions",
-        json={"model": "chat-small", "messages": MSG, "max_tokens": 2, "stream": True},
-        headers={"authorization": f"Bearer {key}"},
-    ) as r:
+    body = {"model": "chat-small", "messages": MSG, "max_tokens": 2, "stream": True}
+    with gateway.stream_chat(key, body, timeout=5.0) as r:  # httpx's default, as before
         r.read()
     for name in ("limit", "remaining", "reset"):
         for kind in ("requests", "tokens"):
