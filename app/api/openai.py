@@ -236,10 +236,11 @@ class ProxyEndpoints:
             prompt_estimate=prompt_estimate,
             started=state.started,
         )
-        if (unlimited := limiter.admit_unlimited(key, spec, wants, request_id)) is not None:
-            call.admission = unlimited
-        elif limiter.may_overlap(key):
-            call.decision = limiter.admit_soon(key, spec, wants, request_id)
+        early = limiter.admit_now(key, spec, wants, request_id)
+        if isinstance(early, Admission):  # nothing to decide
+            call.admission = early
+        elif early is not None:  # decided while the request goes upstream
+            call.decision = early
             svc.metrics.overlapped.labels(spec.name).inc()
         else:
             call.admission = await limiter.admit(key, spec, wants, request_id)

@@ -193,20 +193,6 @@ class Limiter:
                 self.breaker.failure(type(exc).__name__)
         return self._without_redis(_Ask(key, spec, demand, request_id, budgets))
 
-    def admit_unlimited(
-        self, key: KeyRecord, spec: ModelSpec, demand: Demand, request_id: str
-    ) -> Admission | None:
-        """``admit`` without a coroutine for a key that has nothing to decide (no budget of
-        its own, its customer's limits cached and empty, no concurrency cap); else None."""
-        if key.max_concurrent is not None:
-            return None
-        hit = self._customers.get(key.customer)
-        if hit is None or time.monotonic() - hit[0] >= self._cache_ttl:
-            return None
-        if budgets_for(key, spec.name, hit[1]):
-            return None
-        return self._unlimited(key, spec, demand, request_id)
-
     def _unlimited(
         self, key: KeyRecord, spec: ModelSpec, demand: Demand, request_id: str
     ) -> Admission:
@@ -215,22 +201,26 @@ class Limiter:
             request_id, key, spec.name, [], 0, demand.completion_guess(), False, "off", demand.n
         )
 
-    def admit_soon(
+    def admit_now(
         self, key: KeyRecord, spec: ModelSpec, demand: Demand, request_id: str
-    ) -> asyncio.Future[Admission]:
-        """``admit`` for a request that goes upstream meanwhile (see ``may_overlap``), as a
-        future. When the customer's limits are cached and the circuit is closed, the Lua call
-        is queued right away and the reply's callback decides: no task, no coroutine, which
-        is most of what a decision costs the gateway. Otherwise ``admit`` runs as a task."""
+    ) -> Admission | asyncio.Future[Admission] | None:
+        """As much of ``admit`` as can run without awaiting, budgets computed once:
+
+        - an Admission for a key with nothing to decide (no budget of its own, its customer's
+          limits cached and empty, no concurrency cap);
+        - for a key that may overlap (``may_overlap``), a future of its decision: when the
+          customer's limits are cached and the circuit is closed, the Lua call is queued at
+          once and the reply's callback decides (no task, no coroutine, most of what a
+          decision costs the gateway); otherwise ``admit`` runs as a task;
+        - None: the caller awaits ``admit``."""
+        cached, customer = self._cached_limits(key.customer)
+        budgets = budgets_for(key, spec.name, customer) if cached else None
+        if budgets == [] and key.max_concurrent is None:
+            return self._unlimited(key, spec, demand, request_id)
+        if not self.may_overlap(key):
+            return None
         loop = asyncio.get_running_loop()
-        hit = self._customers.get(key.customer)
-        budgets = budgets_for(key, spec.name, hit[1]) if hit is not None else []
-        if (
-            hit is None
-            or time.monotonic() - hit[0] >= self._cache_ttl
-            or self.breaker.open
-            or not budgets
-        ):
+        if not budgets or self.breaker.open:
             return loop.create_task(self.admit(key, spec, demand, request_id))
         out: asyncio.Future[Admission] = loop.create_future()
         ask = _Ask(key, spec, demand, request_id, budgets)
@@ -393,11 +383,19 @@ class Limiter:
 
     # -- customers ----------------------------------------------------------------------------
 
+    def _cached_limits(self, customer: str) -> tuple[bool, Limits | None]:
+        """(whether a fresh cached answer exists, the customer's limits)."""
+        hit = self._customers.get(customer)
+        if hit is not None and time.monotonic() - hit[0] < self._cache_ttl:
+            return True, hit[1]
+        return False, None
+
     async def _customer_limits(self, customer: str) -> Limits | None:
+        cached, limits = self._cached_limits(customer)
+        if cached:
+            return limits
         now = time.monotonic()
         hit = self._customers.get(customer)
-        if hit is not None and now - hit[0] < self._cache_ttl:
-            return hit[1]
         if not self.breaker.allow():
             return hit[1] if hit else None
         try:
