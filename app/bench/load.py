@@ -25,6 +25,7 @@ from app.bench.http import Poster, auth_head
 from app.bench.request import send
 from app.bench.stats import DROPPED, RATE_LIMITED, RequestRecord, summarize
 from app.bench.workload import Planned, Workload
+from app.gc_tuning import freeze_startup_heap
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,7 @@ async def run(plan: LoadPlan, live: Live | None = None) -> RunResult:
     runner = _Runner(plan, live)
     # One connection per request in flight (the open loop's cap is our own, in_flight).
     poster = Poster(runner.url, plan.timeout_s)
-    gc.collect()
-    gc.freeze()  # the caller's heap out of the collector's way while we time (app/gc_tuning.py)
+    freeze_startup_heap()  # the caller's heap out of the collector's way while we time
     try:
         await runner.warmup(poster)
         live.total, live.duration_s = plan.requests, plan.duration_s
