@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -72,3 +73,19 @@ def test_only_one_of_many_waiters_gets_a_stale_lock(tmp_path: Path) -> None:
         t.join()
     assert overlaps == 0
     assert not path.exists()
+
+
+def test_a_break_guard_left_by_a_dead_breaker_does_not_block_breaking(tmp_path: Path) -> None:
+    path = tmp_path / "r.lock"
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "old"}))
+    guard = tmp_path / "r.lock.break"
+    guard.write_text("")
+    old = time.time() - 10
+    os.utime(guard, (old, old))
+    lock = VolumeLock(path, stale_after=0.3, heartbeat=0.05, poll=0.01)
+    lock.acquire(timeout=5)
+    try:
+        assert json.loads(path.read_text())["token"] == lock.token
+        assert not guard.exists()
+    finally:
+        lock.release()
