@@ -66,6 +66,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
+    def on_response_complete(self) -> None:
+        # A finished response leaves now, not after the callbacks already queued in this
+        # loop turn (the request's own accounting task among them): they are not the
+        # client's business.
+        self.transport.flush()  # type: ignore[attr-defined]
+        super().on_response_complete()
+
 
 MAX_HEAD_BYTES = 64 * 1024
 # ASGI extension offered to the app: ``scope["extensions"][ABORT_EXTENSION]()`` drops the

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
-from app.http_protocol import CoalescingTransport, DisconnectHook
+import uvicorn
+from uvicorn.server import ServerState
+
+from app.http_protocol import CoalescingHttpToolsProtocol, CoalescingTransport, DisconnectHook
 
 
 class RecordingTransport:
@@ -93,3 +97,51 @@ def test_the_disconnect_hook_runs_the_current_callback_once() -> None:
     cleared.clear(first)
     cleared.fire()
     assert calls == ["first", "second"]
+
+
+def test_a_finished_response_leaves_before_callbacks_queued_ahead_of_it() -> None:
+    asyncio.run(_test_a_finished_response_leaves_before_callbacks_queued_ahead_of_it())
+
+
+async def _test_a_finished_response_leaves_before_callbacks_queued_ahead_of_it() -> None:
+    """The request's own bookkeeping (queued while it was answered) must not delay the answer:
+    what the client holds when the queued callback runs is the whole response."""
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    seen: list[bytes] = []
+    ran = asyncio.Event()
+
+    def queued() -> None:
+        try:
+            seen.append(client.recv(65536))
+        except BlockingIOError:
+            seen.append(b"")
+        ran.set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        loop.call_soon(queued)
+        headers = [(b"content-length", b"4")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"done", "more_body": False})
+
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+    config.load()
+    state = ServerState()
+    server = await loop.create_server(
+        lambda: CoalescingHttpToolsProtocol(config=config, server_state=state, app_state={}),
+        "127.0.0.1",
+        0,
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client.setblocking(False)
+        await loop.sock_connect(client, ("127.0.0.1", port))
+        await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        await asyncio.wait_for(ran.wait(), 10)
+        assert seen[0].startswith(b"HTTP/1.1 200 OK\r\n")
+        assert seen[0].endswith(b"\r\n\r\ndone")
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
