@@ -445,7 +445,8 @@ def test_a_revoked_key_is_refused_on_every_route_of_both_gateways_within_a_secon
             assert admin.delete(f"/admin/keys/{created['id']}").status_code == 200
         late: list[tuple[int, str, int]] = []
         first_refusal: dict[tuple[int, str], float] = {}
-        while time.monotonic() - revoked_at < ttl + 0.3:
+        longest_sweep = 0.0  # how long one round over every route takes on this machine
+        while (sweep_start := time.monotonic()) - revoked_at < ttl + 0.3:
             for g, c in enumerate(clients):
                 for method, path, payload in routes:
                     started = time.monotonic() - revoked_at
@@ -455,6 +456,7 @@ def test_a_revoked_key_is_refused_on_every_route_of_both_gateways_within_a_secon
                         first_refusal.setdefault((g, path), started)
                     elif started > ttl:
                         late.append((g, path, r.status_code))
+            longest_sweep = max(longest_sweep, time.monotonic() - sweep_start)
     finally:
         for c in clients:
             c.close()
@@ -462,4 +464,6 @@ def test_a_revoked_key_is_refused_on_every_route_of_both_gateways_within_a_secon
     assert len(first_refusal) == 2 * len({p for _, p, _ in routes})
     slowest = max(first_refusal.values())
     record_property("revocation_slowest_refusal_s", round(slowest, 3))
-    assert slowest <= ttl + 0.1
+    # Refused from the first round that started after the TTL (a busy machine's round can
+    # take over 0.1 s: the next request to a route may start that much after the TTL).
+    assert slowest <= ttl + longest_sweep
