@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 
 from app import __version__
 from app.api import admin, health, openai
@@ -221,6 +222,20 @@ class GatewayApp(FastAPI):
         }
         self.openapi_schema = schema
         return schema
+
+    # The server's early start (app.http_protocol.EarlyStart): which requests, and how.
+    early_paths = frozenset(openai.ProxyEndpoints.PATHS)
+
+    @property
+    def early_max_body(self) -> int:
+        """A request declaring a larger body gets its task (and its 413) at once."""
+        return min(HIGH_WATER_LIMIT, int(self.state.settings.max_body_bytes))
+
+    def early_start(self, scope: Scope, body: bytes) -> Any:
+        services = getattr(self.state, "services", None)
+        if services is None:  # not started (or stopped): the task does it all
+            return None
+        return self._proxy.early(services, scope, body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in self._hot:

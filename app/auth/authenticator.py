@@ -23,6 +23,34 @@ log = logging.getLogger(__name__)
 _MAX_CACHE = 100_000
 
 
+def _bearer(authorization: str | None) -> tuple[str, str]:
+    """(key id, token) of a well-formed bearer header, else 401."""
+    if not authorization:
+        raise unauthorized(
+            "Missing bearer token: send 'Authorization: Bearer <api key>'.", "missing_api_key"
+        )
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise unauthorized("Malformed Authorization header: expected 'Bearer <api key>'.")
+    key_id = parse_key(token)
+    if key_id is None:
+        raise unauthorized("Incorrect API key provided.")
+    return key_id, token
+
+
+def _checked(record: KeyRecord | None, token: str) -> KeyRecord:
+    """The record if ``token`` is its key and it is active, else 401."""
+    # Hash and compare even for an unknown id, so both paths cost the same.
+    if not hash_matches(record, token) or record is None:
+        raise unauthorized("Incorrect API key provided.")
+    if record.revoked_at is not None:
+        raise unauthorized("This API key has been revoked.", "revoked_api_key")
+    if not record.active():
+        raise unauthorized("This API key has expired.", "expired_api_key")
+    return record
+
+
 class Authenticator:
     def __init__(self, store: KeyStore, ttl_s: float) -> None:
         self._store = store
@@ -35,26 +63,17 @@ class Authenticator:
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
         """Return the active record for an ``Authorization: Bearer`` header or raise 401/503."""
-        if not authorization:
-            raise unauthorized(
-                "Missing bearer token: send 'Authorization: Bearer <api key>'.", "missing_api_key"
-            )
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise unauthorized("Malformed Authorization header: expected 'Bearer <api key>'.")
-        key_id = parse_key(token)
-        if key_id is None:
-            raise unauthorized("Incorrect API key provided.")
-        record = await self._lookup(key_id)
-        # Hash and compare even for an unknown id, so both paths cost the same.
-        if not hash_matches(record, token) or record is None:
-            raise unauthorized("Incorrect API key provided.")
-        if record.revoked_at is not None:
-            raise unauthorized("This API key has been revoked.", "revoked_api_key")
-        if not record.active():
-            raise unauthorized("This API key has expired.", "expired_api_key")
-        return record
+        key_id, token = _bearer(authorization)
+        return _checked(await self._lookup(key_id), token)
+
+    def authenticate_cached(self, authorization: str | None) -> KeyRecord | None:
+        """``authenticate`` without awaiting: None when the key's record is not freshly
+        cached (the caller then awaits ``authenticate``)."""
+        key_id, token = _bearer(authorization)
+        hit = self._cache.get(key_id)
+        if hit is None or time.monotonic() - hit[0] >= self._ttl:
+            return None
+        return _checked(hit[1], token)
 
     async def _lookup(self, key_id: str) -> KeyRecord | None:
         now = time.monotonic()

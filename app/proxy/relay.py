@@ -22,6 +22,7 @@ from app.errors import APIError, bad_gateway, gateway_timeout, unavailable
 from app.metrics import GatewayMetrics
 from app.proxy.sse import DONE, SSESplitter, inspect
 from app.proxy.upstream import (
+    Sent,
     UpstreamDisconnected,
     UpstreamError,
     UpstreamPool,
@@ -77,6 +78,17 @@ def _check_status(status: int, body: bytes) -> None:
 _DISCONNECTED = "The model replica closed the connection."
 
 
+class Begun:
+    """A first attempt already on its way: its replica (whose ``outstanding`` it holds) and
+    the request as written, or about to be, to it."""
+
+    __slots__ = ("replica", "sent")
+
+    def __init__(self, replica: Replica, sent: Sent) -> None:
+        self.replica = replica
+        self.sent = sent
+
+
 class Proxy:
     def __init__(
         self,
@@ -99,10 +111,30 @@ class Proxy:
         call.accounted = True
         self._tasks.spawn(self._accounting.finish(call, usage))
 
+    def begin(self, call: Call, route: Route) -> Begun | None:
+        """Pick the first replica and write the request to it now, if a kept connection is
+        idle (see ``UpstreamPool.send``). The answer is awaited by ``complete`` or ``stream``,
+        which pick and send on their own when this returns None (no replica available, or
+        its URL refused: the usual failover and errors follow)."""
+        replica = route.pool.pick([], route.info)
+        if replica is None:
+            return None
+        try:
+            sent = self._upstream.send(replica.url, call.endpoint, call.body)
+        except UpstreamError:
+            return None  # the first attempt, made again, fails over as usual
+        replica.outstanding += 1
+        return Begun(replica, sent)
+
     async def _with_failover(
-        self, call: Call, route: Route, attempt: Callable[[Replica], Awaitable[_T]]
+        self,
+        call: Call,
+        route: Route,
+        attempt: Callable[[Replica, Sent | None], Awaitable[_T]],
+        begun: Begun | None,
     ) -> _T:
-        """Run ``attempt`` on up to 1 + upstream_retries distinct replicas.
+        """Run ``attempt`` on up to 1 + upstream_retries distinct replicas, the first of them
+        ``begun``'s when given.
 
         Each attempt takes one unit of the replica's ``outstanding`` count; it must give it
         back when it fails or finishes, or hand it on (a stream gives it to its relay)."""
@@ -110,13 +142,18 @@ class Proxy:
         tried: list[str] = []
         last: APIError | None = None
         for _ in range(self._settings.upstream_retries + 1):
-            replica = pool.pick(tried, info)
-            if replica is None:
-                break
+            sent: Sent | None = None
+            if begun is not None:
+                replica, sent, begun = begun.replica, begun.sent, None
+            else:
+                picked = pool.pick(tried, info)
+                if picked is None:
+                    break
+                replica = picked
+                replica.outstanding += 1
             tried.append(replica.url)
-            replica.outstanding += 1
             try:
-                result = await attempt(replica)
+                result = await attempt(replica, sent)
             except _UpstreamFailure as failure:
                 replica.record_failure()
                 self.metrics.upstream_errors.labels(call.spec.name, failure.reason).inc()
@@ -135,12 +172,12 @@ class Proxy:
 
     # -- whole responses ----------------------------------------------------------------------
 
-    async def complete(self, call: Call, route: Route) -> bytes:
+    async def complete(self, call: Call, route: Route, begun: Begun | None = None) -> bytes:
         """Non-streamed call: the engine's answer, accounted and renamed for the client.
 
         Cancelling it (the client left) closes the upstream connection, which stops the engine;
         ``abandon`` then accounts what is known."""
-        body = await self._with_failover(call, route, partial(self._post, call))
+        body = await self._with_failover(call, route, partial(self._post, call), begun)
         return self._whole_response(call, body)
 
     def abandon(self, call: Call) -> None:
@@ -148,10 +185,12 @@ class Proxy:
         self.metrics.client_aborts.labels(call.spec.name).inc()
         self.account(call, Usage(call.prompt_estimate, 0, "estimated"))
 
-    async def _post(self, call: Call, replica: Replica) -> bytes:
+    async def _post(self, call: Call, replica: Replica, sent: Sent | None) -> bytes:
         try:
+            if sent is None:
+                sent = self._upstream.send(replica.url, call.endpoint, call.body)
             async with asyncio.timeout(self._settings.total_timeout_s):
-                async with await self._upstream.post(replica.url, call.endpoint, call.body) as resp:
+                async with await self._upstream.receive(sent) as resp:
                     status, body = resp.status, await resp.read()
         except _CONNECT_ERRORS:
             raise _UpstreamFailure("connect", bad_gateway(_DISCONNECTED), retry=True) from None
@@ -161,6 +200,8 @@ class Proxy:
             )
             raise _UpstreamFailure("timeout", error, retry=False) from None
         finally:
+            if sent is not None:  # cancelled before the answer: the connection goes with it
+                sent.close()
             replica.outstanding -= 1
         _check_status(status, body)
         return body
@@ -184,19 +225,24 @@ class Proxy:
 
     # -- streams -------------------------------------------------------------------------------
 
-    async def stream(self, call: Call, route: Route) -> StreamRelay:
+    async def stream(self, call: Call, route: Route, begun: Begun | None = None) -> StreamRelay:
         """A primed stream: its first event is read, so earlier failures could fail over."""
-        return await self._with_failover(call, route, partial(self._open_stream, call, route))
+        attempt = partial(self._open_stream, call, route)
+        return await self._with_failover(call, route, attempt, begun)
 
-    async def _open_stream(self, call: Call, route: Route, replica: Replica) -> StreamRelay:
+    async def _open_stream(
+        self, call: Call, route: Route, replica: Replica, sent: Sent | None
+    ) -> StreamRelay:
         """Connect and read the first event, so that failures before it can fail over."""
         resp: UpstreamResponse | None = None
         splitter = SSESplitter()
         first: list[bytes] = []
         timeout = self._settings.first_token_timeout_s
         try:
+            if sent is None:
+                sent = self._upstream.send(replica.url, call.endpoint, call.body)
             async with asyncio.timeout(timeout):
-                resp = await self._upstream.post(replica.url, call.endpoint, call.body)
+                resp = await self._upstream.receive(sent)
                 if resp.status != 200:
                     _check_status(resp.status, await resp.read())
                 while not first:
@@ -206,6 +252,8 @@ class Proxy:
                     first = splitter.feed(data)
         except BaseException as exc:
             replica.outstanding -= 1
+            if sent is not None:
+                sent.close()
             if resp is not None:
                 resp.close()
             if isinstance(exc, _CONNECT_ERRORS):

@@ -258,6 +258,26 @@ def _tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()  # replicas behind TLS: verified like any HTTPS client
 
 
+class Sent:
+    """A request as ``UpstreamPool.send`` left it: written on a kept connection (``response``
+    set) or still to be written on a new one. ``close`` drops it unanswered."""
+
+    __slots__ = ("body", "head", "pool", "response")
+
+    def __init__(
+        self, pool: _HostPool, head: bytes, body: bytes, response: UpstreamResponse | None
+    ) -> None:
+        self.pool = pool
+        self.head = head
+        self.body = body
+        self.response = response
+
+    def close(self) -> None:
+        response, self.response = self.response, None
+        if response is not None:
+            response.close()
+
+
 class UpstreamPool:
     """Keep-alive connections to every replica the gateway talks to.
 
@@ -286,10 +306,10 @@ class UpstreamPool:
             self._hosts[base_url] = hit
         return hit
 
-    async def post(
-        self, base_url: str, path: str, body: bytes, extra_head: bytes = b""
-    ) -> UpstreamResponse:
-        """Send ``body`` as JSON to ``base_url + path``; returns once the status is known.
+    def send(self, base_url: str, path: str, body: bytes, extra_head: bytes = b"") -> Sent:
+        """Write the request at once (no await) if a kept connection to the replica is idle;
+        ``receive`` then waits for the answer (connecting first if nothing was written). The
+        engine can start before the caller is ready to wait.
         ``extra_head``: more header lines, each ending in CRLF (the benchmark's API keys)."""
         pool, prefix = self._host(base_url)
         head = b"".join(
@@ -306,19 +326,31 @@ class UpstreamPool:
             )
         )
         conn = pool.take()
-        if conn is not None:
+        return Sent(pool, head, body, conn.send(head, body) if conn is not None else None)
+
+    async def receive(self, sent: Sent) -> UpstreamResponse:
+        """The answer to a ``send``; returns once its status is known."""
+        response, sent.response = sent.response, None
+        if response is not None:
             try:
-                return await self._exchange(conn, head, body)
+                return await self._answer(response)
             except UpstreamDisconnected:
                 # A kept connection the replica had just closed: nothing reached it, so the
                 # request goes once more on a new connection (not counted as a failure).
                 pass
-        return await self._exchange(await self._connect(pool), head, body)
+        conn = await self._connect(sent.pool)
+        return await self._answer(conn.send(sent.head, sent.body))
+
+    async def post(
+        self, base_url: str, path: str, body: bytes, extra_head: bytes = b""
+    ) -> UpstreamResponse:
+        """``send`` and ``receive`` in one."""
+        return await self.receive(self.send(base_url, path, body, extra_head))
 
     @staticmethod
-    async def _exchange(conn: _Connection, head: bytes, body: bytes) -> UpstreamResponse:
-        response = conn.send(head, body)
-        waiter = conn.headers_received
+    async def _answer(response: UpstreamResponse) -> UpstreamResponse:
+        conn = response._conn
+        waiter = conn.headers_received if conn is not None else None
         assert waiter is not None
         try:
             await waiter

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
 from typing import Any
 
 import httpx
@@ -212,3 +215,61 @@ def test_upstream_timeout_is_504(gateway_factory: GatewayFactory, logs_dir: Any)
 def test_unknown_route_and_method_are_openai_shaped(gateway: GatewayServer) -> None:
     assert_openai_error(httpx.get(f"{gateway.url}/v1/nothing-here"), 404, "unknown_url")
     assert_openai_error(httpx.get(f"{gateway.url}/v1/chat/completions"), 405, "method_not_allowed")
+
+
+def test_requests_started_early_get_the_same_answers(
+    gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose key is cached is checked and sent upstream from the server's callback
+    once its body is complete (app.http_protocol.EarlyStart): its errors are the same
+    OpenAI-shaped answers, and its success is a success."""
+    gw = gateway_factory(max_body_bytes=2000)
+    key = gw.create_key(models=["chat-small"])["key"]
+    started: list[bytes] = []
+    early_start = gw.app.early_start
+
+    def counting(scope: Any, body: bytes) -> Any:
+        started.append(body)
+        return early_start(scope, body)
+
+    monkeypatch.setattr(gw.app, "early_start", counting)
+
+    def one_write(body: bytes) -> tuple[int, dict[str, Any]]:
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as sock:
+            sock.sendall(head + body)
+            r = http.client.HTTPResponse(sock)
+            r.begin()
+            return r.status, json.loads(r.read())
+
+    chat = {"model": "chat-small", "messages": MSG, "max_tokens": 3}
+    assert one_write(json.dumps(chat).encode())[0] == 200  # the key is cached from here on
+    cases = [
+        (chat, 200, None, True),
+        (b"{not json", 400, "invalid_json", True),
+        ({"model": "chat-small"}, 422, "invalid_value", True),
+        ({**chat, "model": "nope"}, 404, "model_not_found", True),
+        ({**chat, "model": "embed-small"}, 403, "model_not_allowed", True),
+        # Declared over the limit: refused by the task at once, without waiting for the body.
+        ({**chat, "messages": [{"role": "user", "content": "x" * 3000}]}, 413, None, False),
+    ]
+    for body, status, code, early in cases:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        before = len(started)
+        got, answer = one_write(raw)
+        assert got == status, (body, answer)
+        assert len(started) == before + early  # it did go the early way (or not)
+        if status == 200:
+            assert answer["choices"][0]["message"]["content"]
+        else:
+            assert set(answer["error"]) == {"message", "type", "param", "code"}
+            if code is not None:
+                assert answer["error"]["code"] == code
+    # The openai client writes the head and the body apart: started early all the same.
+    before = len(started)
+    reply = gw.client(key).chat.completions.create(model="chat-small", messages=MSG, max_tokens=3)
+    assert reply.choices[0].message.content
+    assert len(started) == before + 1

@@ -9,7 +9,13 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
-from app.http_protocol import CoalescingHttpToolsProtocol, CoalescingTransport, DisconnectHook
+from app.http_protocol import (
+    EARLY_EXTENSION,
+    CoalescingHttpToolsProtocol,
+    CoalescingTransport,
+    DisconnectHook,
+    GatewayHttpProtocol,
+)
 
 
 class RecordingTransport:
@@ -143,5 +149,155 @@ async def _test_a_finished_response_leaves_before_callbacks_queued_ahead_of_it()
         assert seen[0].endswith(b"\r\n\r\ndone")
     finally:
         client.close()
+        server.close()
+        await server.wait_closed()
+
+
+class EarlyApp:
+    """An app that offers the early start for POST /hot and records what it got."""
+
+    early_paths = frozenset({"/hot"})
+    early_max_body = 64 * 1024
+
+    def __init__(self) -> None:
+        self.early_calls: list[tuple[str, bytes]] = []
+        self.taken: list[Any] = []
+        self.started = asyncio.Event()
+
+    def early_start(self, scope: Any, body: bytes) -> Any:
+        self.early_calls.append((scope["path"], body))
+        return f"prepared {body.decode()}"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.started.set()
+        early = scope["extensions"].get(EARLY_EXTENSION)
+        self.taken.append(early.take() if early is not None else "no early start")
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok", "more_body": False})
+
+
+async def _serving(app: Any, **options: Any) -> tuple[asyncio.Server, int]:
+    loop = asyncio.get_running_loop()
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", **options)
+    config.load()
+    state = ServerState()
+    server = await loop.create_server(
+        lambda: GatewayHttpProtocol(config=config, server_state=state, app_state={}),
+        "127.0.0.1",
+        0,
+    )
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _exchange(port: int, *parts: bytes, between: Any = None) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for i, part in enumerate(parts):
+            if i and between is not None:
+                await between()
+            writer.write(part)
+            await writer.drain()
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 10)
+    finally:
+        writer.close()
+
+
+def test_a_complete_request_is_started_early_and_its_task_takes_the_result() -> None:
+    asyncio.run(_test_a_complete_request_is_started_early_and_its_task_takes_the_result())
+
+
+async def _test_a_complete_request_is_started_early_and_its_task_takes_the_result() -> None:
+    app = EarlyApp()
+    server, port = await _serving(app)
+    try:
+        await _exchange(port, b"POST /hot HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
+        assert app.early_calls == [("/hot", b"hello")]
+        assert app.taken == ["prepared hello"]
+        # Not offered for other methods or paths.
+        await _exchange(port, b"GET /hot HTTP/1.1\r\nhost: x\r\n\r\n")
+        await _exchange(port, b"POST /cold HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx")
+        assert app.taken[1:] == ["no early start", "no early start"]
+        assert len(app.early_calls) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_a_body_sent_apart_from_its_head_is_still_started_early() -> None:
+    asyncio.run(_test_a_body_sent_apart_from_its_head_is_still_started_early())
+
+
+async def _test_a_body_sent_apart_from_its_head_is_still_started_early() -> None:
+    """Clients such as the openai package write the head and the body separately: the task
+    waits for the whole body, so the early start happens all the same."""
+    app = EarlyApp()
+    server, port = await _serving(app)
+    try:
+        head = b"POST /hot HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\n"
+        await _exchange(port, head, b"hel", b"lo", between=lambda: asyncio.sleep(0.05))
+        assert app.early_calls == [("/hot", b"hello")]
+        assert app.taken == ["prepared hello"]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_a_request_waiting_for_100_continue_or_with_a_large_body_goes_to_its_task() -> None:
+    asyncio.run(_test_a_request_waiting_for_100_continue_or_with_a_large_body_goes_to_its_task())
+
+
+async def _test_a_request_waiting_for_100_continue_or_with_a_large_body_goes_to_its_task() -> None:
+    """The task must send ``100 Continue`` (uvicorn does so when the app first reads), and a
+    body past uvicorn's high-water mark is only read on while the app reads it: neither can
+    wait for the whole body."""
+    app = EarlyApp()
+    server, port = await _serving(app)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /hot HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n"
+        )
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+        )
+        writer.write(b"hello")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 10)
+        writer.close()
+        large = b"x" * (256 * 1024)
+        head = b"POST /hot HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(large)
+        await _exchange(port, head + large)
+        chunked = b"POST /hot HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"
+        await _exchange(port, chunked + chunk * 16 + b"0\r\n\r\n")
+        # 100-continue and a declared body over early_max_body: not offered; a chunked body
+        # past the high-water mark: its task started while it came, nothing was done early.
+        assert app.taken == ["no early start", "no early start", None]
+        assert app.early_calls == []
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_a_request_over_the_concurrency_limit_is_not_started_early() -> None:
+    asyncio.run(_test_a_request_over_the_concurrency_limit_is_not_started_early())
+
+
+async def _test_a_request_over_the_concurrency_limit_is_not_started_early() -> None:
+    """Past ``--limit-concurrency`` uvicorn answers 503 itself: nothing may reach the app."""
+    app = EarlyApp()
+    server, port = await _serving(app, limit_concurrency=1)  # this connection is the one
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /hot HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
+        status = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+        writer.close()
+        assert status.startswith(b"HTTP/1.1 503")
+        assert app.early_calls == [] and app.taken == []
+    finally:
         server.close()
         await server.wait_closed()

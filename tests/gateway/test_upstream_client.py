@@ -270,3 +270,39 @@ def test_an_unsupported_scheme_is_a_connect_error() -> None:
             await UpstreamPool(1.0).post("ftp://127.0.0.1:21", "/v1/x", b"")
 
     asyncio.run(main())
+
+
+def test_send_writes_at_once_on_a_kept_connection_and_receive_connects_otherwise() -> None:
+    seen: list[bytes] = []
+    arrivals: dict[bytes, asyncio.Event] = {}
+
+    async def recording_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, body = await read_request(reader)
+            path = head.split(b" ")[1]
+            seen.append(path)
+            arrivals.setdefault(path, asyncio.Event()).set()
+            writer.write(ok(path + b" " + body))
+            await writer.drain()
+
+    async def scenario(url: str, stats: dict[str, Any]) -> None:
+        pool = UpstreamPool(1.0)
+        first = pool.send(url, "/v1/a", b"1")
+        assert first.response is None  # nothing kept yet: written once received
+        async with await pool.receive(first) as resp:
+            assert await resp.read() == b"/v1/a 1"
+        kept = pool.send(url, "/v1/b", b"2")
+        assert kept.response is not None  # on the kept connection: written already
+        await asyncio.wait_for(arrivals.setdefault(b"/v1/b", asyncio.Event()).wait(), 5)
+        async with await pool.receive(kept) as resp:  # the engine had it before we waited
+            assert await resp.read() == b"/v1/b 2"
+        dropped = pool.send(url, "/v1/c", b"3")
+        dropped.close()  # never received: its connection goes, nothing is reused
+        assert dropped.response is None
+        async with await pool.post(url, "/v1/d", b"4") as resp:
+            assert await resp.read() == b"/v1/d 4"
+        pool.close()
+        assert seen[:2] == [b"/v1/a", b"/v1/b"] and seen[-1] == b"/v1/d"
+        assert stats["connections"] == 2
+
+    run(recording_echo, scenario)
