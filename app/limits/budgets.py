@@ -58,3 +58,38 @@ def budgets_for(record: KeyRecord, model: str, customer: Limits | None) -> list[
         *_pair(f"{p}:k:{record.id}:m:{model}", override, "model"),
         *_pair(f"{p}:c", customer, "customer"),
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A key's budgets for one model, with what its admit.lua call takes that does not change
+    from request to request."""
+
+    budgets: list[Budget]
+    keys: tuple[str, ...]  # the learned estimate, the leases, then each budget's counter
+    limits: tuple[int, ...]  # per budget: limit, period (ms), 1 if it counts tokens
+
+
+class Plans:
+    """Plans per (key, model), kept while the key's record and its customer's limits are the
+    same objects: the caches that hold those replace them when they refresh (at least once a
+    second), so a changed limit is planned anew and an unchanged one costs no formatting."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._plans: dict[tuple[str, str], tuple[KeyRecord, Limits | None, Plan]] = {}
+        self._max = max_entries
+
+    def get(self, record: KeyRecord, model: str, customer: Limits | None) -> Plan:
+        hit = self._plans.get((record.id, model))
+        if hit is not None and hit[0] is record and hit[1] is customer:
+            return hit[2]
+        budgets = budgets_for(record, model, customer)
+        plan = Plan(
+            budgets,
+            (learned_key(record, model), lease_key(record), *(b.key for b in budgets)),
+            tuple(x for b in budgets for x in (b.limit, b.period_ms, int(b.tokens))),
+        )
+        if len(self._plans) >= self._max:
+            self._plans.clear()
+        self._plans[(record.id, model)] = (record, customer, plan)
+        return plan

@@ -30,7 +30,7 @@ from app.auth.keys import KeyRecord, KeyStore, Limits
 from app.catalog import ModelSpec
 from app.errors import APIError, unavailable
 from app.limits.breaker import CircuitBreaker
-from app.limits.budgets import Budget, budgets_for, learned_key, lease_key
+from app.limits.budgets import Budget, Plan, Plans, learned_key, lease_key
 from app.limits.gcra import LocalLimiter, Verdict
 from app.limits.headers import duration, ratelimit_headers
 from app.limits.peers import PeerCount
@@ -97,7 +97,11 @@ class _Ask:
     spec: ModelSpec
     demand: Demand
     request_id: str
-    budgets: list[Budget]
+    plan: Plan
+
+    @property
+    def budgets(self) -> list[Budget]:
+        return self.plan.budgets
 
     def admitted(
         self,
@@ -147,6 +151,7 @@ class Limiter:
         self._batcher = batcher or PipelineBatcher(redis, urgent_timeout_s=timeout_s)
         self._local = LocalLimiter()
         self._customers: dict[str, tuple[float, Limits | None]] = {}
+        self._plans = Plans()
         self._overlap = overlap
         self._headroom: dict[str, float] = {}  # key id -> until when overlapping is safe
         self.breaker = CircuitBreaker(
@@ -183,15 +188,15 @@ class Limiter:
     ) -> Admission:
         """Reserve the request's budgets or raise 429 (or 503 when failing closed)."""
         customer = await self._customer_limits(key.customer)
-        budgets = budgets_for(key, spec.name, customer)
-        if not budgets and key.max_concurrent is None:
+        plan = self._plans.get(key, spec.name, customer)
+        if not plan.budgets and key.max_concurrent is None:
             return self._unlimited(key, spec, demand, request_id)
         if self.breaker.allow():
             try:
-                return await self._admit_redis(_Ask(key, spec, demand, request_id, budgets))
+                return await self._admit_redis(_Ask(key, spec, demand, request_id, plan))
             except (RedisError, OSError, TimeoutError) as exc:
                 self.breaker.failure(type(exc).__name__)
-        return self._without_redis(_Ask(key, spec, demand, request_id, budgets))
+        return self._without_redis(_Ask(key, spec, demand, request_id, plan))
 
     def _unlimited(
         self, key: KeyRecord, spec: ModelSpec, demand: Demand, request_id: str
@@ -214,16 +219,16 @@ class Limiter:
           decision costs the gateway); otherwise ``admit`` runs as a task;
         - None: the caller awaits ``admit``."""
         cached, customer = self._cached_limits(key.customer)
-        budgets = budgets_for(key, spec.name, customer) if cached else None
-        if budgets == [] and key.max_concurrent is None:
+        plan = self._plans.get(key, spec.name, customer) if cached else None
+        if plan is not None and not plan.budgets and key.max_concurrent is None:
             return self._unlimited(key, spec, demand, request_id)
         if not self.may_overlap(key):
             return None
         loop = asyncio.get_running_loop()
-        if not budgets or self.breaker.open:
+        if plan is None or not plan.budgets or self.breaker.open:
             return loop.create_task(self.admit(key, spec, demand, request_id))
         out: asyncio.Future[Admission] = loop.create_future()
-        ask = _Ask(key, spec, demand, request_id, budgets)
+        ask = _Ask(key, spec, demand, request_id, plan)
 
         def decide(reply: asyncio.Future[list[Any]]) -> None:
             try:
@@ -263,22 +268,23 @@ class Limiter:
         return self._verdict(raw, ask)
 
     def _admit_command(self, ask: _Ask) -> Command:
-        demand, key, budgets = ask.demand, ask.key, ask.budgets
-        argv: list[int | float | str] = [
+        demand, plan = ask.demand, ask.plan
+        return (
+            "EVALSHA",
+            self._admit.sha,
+            len(plan.keys),
+            *plan.keys,
             demand.prompt_tokens,
             demand.max_tokens if demand.max_tokens is not None else -1,
             demand.default_completion,
             max(0, demand.completion_cap),
             demand.n,
-            key.max_concurrent or 0,
+            ask.key.max_concurrent or 0,
             ask.request_id,
             LEASE_MS,
-            len(budgets),
-        ]
-        for b in budgets:
-            argv += [b.limit, b.period_ms, int(b.tokens)]
-        keys = [learned_key(key, ask.spec.name), lease_key(key), *(b.key for b in budgets)]
-        return ("EVALSHA", self._admit.sha, len(keys), *keys, *argv)
+            len(plan.budgets),
+            *plan.limits,
+        )
 
     def _verdict(self, raw: Any, ask: _Ask) -> Admission:
         """admit.lua's answer as an Admission, or the 429 it means."""

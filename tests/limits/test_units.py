@@ -6,8 +6,9 @@ import time
 
 import pytest
 
+from app.auth.keys import KeyRecord, Limits
 from app.limits.breaker import CircuitBreaker
-from app.limits.budgets import Budget
+from app.limits.budgets import Budget, Plans, budgets_for, learned_key, lease_key
 from app.limits.gcra import LocalLimiter, check
 from app.limits.headers import duration, ratelimit_headers
 
@@ -91,3 +92,29 @@ def test_breaker_opens_after_threshold_and_probes_once() -> None:
     breaker.success()
     assert not breaker.open and changes == [True, False]
     assert breaker.allow()
+
+
+def _record(**fields: object) -> KeyRecord:
+    return KeyRecord.model_validate(
+        {"id": "abcdefghijkm", "hash": "0" * 64, "customer": "cus_1", "created_at": 0.0, **fields}
+    )
+
+
+def test_a_plan_is_kept_while_its_record_and_customer_limits_are_the_same_objects() -> None:
+    plans = Plans()
+    record = _record(rpm=10, tpm=1000, model_limits={"m": {"rpm": 5}})
+    customer = Limits(tpm=50_000)
+    plan = plans.get(record, "m", customer)
+    assert plan.budgets == budgets_for(record, "m", customer)
+    assert plan.keys == (
+        learned_key(record, "m"),
+        lease_key(record),
+        *(b.key for b in plan.budgets),
+    )
+    assert plan.limits == (10, 60_000, 0, 1000, 60_000, 1, 5, 60_000, 0, 50_000, 60_000, 1)
+    assert plans.get(record, "m", customer) is plan
+    # A refreshed record (the key cache replaces it) or customer limits: planned anew.
+    changed = _record(rpm=20)
+    assert plans.get(changed, "m", customer).limits[:3] == (20, 60_000, 0)
+    assert plans.get(changed, "m", None).budgets == budgets_for(changed, "m", None)
+    assert plans.get(record, "other", customer).budgets == budgets_for(record, "other", customer)
