@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from app.http_protocol import (
@@ -105,6 +108,27 @@ def test_the_disconnect_hook_runs_the_current_callback_once() -> None:
     assert calls == ["first", "second"]
 
 
+@contextlib.asynccontextmanager
+async def _serving(
+    app: Any, protocol: type[HttpToolsProtocol] = GatewayHttpProtocol, **options: Any
+) -> AsyncIterator[int]:
+    """``app`` behind ``protocol`` on a free port (yielded), closed on exit."""
+    loop = asyncio.get_running_loop()
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", **options)
+    config.load()
+    state = ServerState()
+    server = await loop.create_server(
+        lambda: protocol(config=config, server_state=state, app_state={}),
+        "127.0.0.1",
+        0,
+    )
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def test_a_finished_response_leaves_before_callbacks_queued_ahead_of_it() -> None:
     asyncio.run(_test_a_finished_response_leaves_before_callbacks_queued_ahead_of_it())
 
@@ -131,26 +155,16 @@ async def _test_a_finished_response_leaves_before_callbacks_queued_ahead_of_it()
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"done", "more_body": False})
 
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
-    config.load()
-    state = ServerState()
-    server = await loop.create_server(
-        lambda: CoalescingHttpToolsProtocol(config=config, server_state=state, app_state={}),
-        "127.0.0.1",
-        0,
-    )
-    try:
-        port = server.sockets[0].getsockname()[1]
-        client.setblocking(False)
-        await loop.sock_connect(client, ("127.0.0.1", port))
-        await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        await asyncio.wait_for(ran.wait(), 10)
-        assert seen[0].startswith(b"HTTP/1.1 200 OK\r\n")
-        assert seen[0].endswith(b"\r\n\r\ndone")
-    finally:
-        client.close()
-        server.close()
-        await server.wait_closed()
+    async with _serving(app, CoalescingHttpToolsProtocol) as port:
+        try:
+            client.setblocking(False)
+            await loop.sock_connect(client, ("127.0.0.1", port))
+            await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            await asyncio.wait_for(ran.wait(), 10)
+            assert seen[0].startswith(b"HTTP/1.1 200 OK\r\n")
+            assert seen[0].endswith(b"\r\n\r\ndone")
+        finally:
+            client.close()
 
 
 class EarlyApp:
@@ -162,7 +176,6 @@ class EarlyApp:
     def __init__(self) -> None:
         self.early_calls: list[tuple[str, bytes]] = []
         self.taken: list[Any] = []
-        self.started = asyncio.Event()
 
     def early_start(self, scope: Any, body: bytes) -> Any:
         self.early_calls.append((scope["path"], body))
@@ -171,7 +184,6 @@ class EarlyApp:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        self.started.set()
         early = scope["extensions"].get(EARLY_EXTENSION)
         self.taken.append(early.take() if early is not None else "no early start")
         while (await receive()).get("more_body"):
@@ -179,19 +191,6 @@ class EarlyApp:
         headers = [(b"content-length", b"2")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"ok", "more_body": False})
-
-
-async def _serving(app: Any, **options: Any) -> tuple[asyncio.Server, int]:
-    loop = asyncio.get_running_loop()
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", **options)
-    config.load()
-    state = ServerState()
-    server = await loop.create_server(
-        lambda: GatewayHttpProtocol(config=config, server_state=state, app_state={}),
-        "127.0.0.1",
-        0,
-    )
-    return server, server.sockets[0].getsockname()[1]
 
 
 async def _exchange(port: int, *parts: bytes, between: Any = None) -> bytes:
@@ -213,8 +212,7 @@ def test_a_complete_request_is_started_early_and_its_task_takes_the_result() -> 
 
 async def _test_a_complete_request_is_started_early_and_its_task_takes_the_result() -> None:
     app = EarlyApp()
-    server, port = await _serving(app)
-    try:
+    async with _serving(app) as port:
         await _exchange(port, b"POST /hot HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
         assert app.early_calls == [("/hot", b"hello")]
         assert app.taken == ["prepared hello"]
@@ -223,9 +221,6 @@ async def _test_a_complete_request_is_started_early_and_its_task_takes_the_resul
         await _exchange(port, b"POST /cold HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx")
         assert app.taken[1:] == ["no early start", "no early start"]
         assert len(app.early_calls) == 1
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 def test_a_body_sent_apart_from_its_head_is_still_started_early() -> None:
@@ -236,15 +231,11 @@ async def _test_a_body_sent_apart_from_its_head_is_still_started_early() -> None
     """Clients such as the openai package write the head and the body separately: the task
     waits for the whole body, so the early start happens all the same."""
     app = EarlyApp()
-    server, port = await _serving(app)
-    try:
+    async with _serving(app) as port:
         head = b"POST /hot HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\n"
         await _exchange(port, head, b"hel", b"lo", between=lambda: asyncio.sleep(0.05))
         assert app.early_calls == [("/hot", b"hello")]
         assert app.taken == ["prepared hello"]
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 def test_a_request_waiting_for_100_continue_or_with_a_large_body_goes_to_its_task() -> None:
@@ -256,8 +247,7 @@ async def _test_a_request_waiting_for_100_continue_or_with_a_large_body_goes_to_
     body past uvicorn's high-water mark is only read on while the app reads it: neither can
     wait for the whole body."""
     app = EarlyApp()
-    server, port = await _serving(app)
-    try:
+    async with _serving(app) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST /hot HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n"
@@ -278,9 +268,6 @@ async def _test_a_request_waiting_for_100_continue_or_with_a_large_body_goes_to_
         # past the high-water mark: its task started while it came, nothing was done early.
         assert app.taken == ["no early start", "no early start", None]
         assert app.early_calls == []
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 def test_a_request_over_the_concurrency_limit_is_not_started_early() -> None:
@@ -290,14 +277,10 @@ def test_a_request_over_the_concurrency_limit_is_not_started_early() -> None:
 async def _test_a_request_over_the_concurrency_limit_is_not_started_early() -> None:
     """Past ``--limit-concurrency`` uvicorn answers 503 itself: nothing may reach the app."""
     app = EarlyApp()
-    server, port = await _serving(app, limit_concurrency=1)  # this connection is the one
-    try:
+    async with _serving(app, limit_concurrency=1) as port:  # this connection is the one
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /hot HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
         status = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
         writer.close()
         assert status.startswith(b"HTTP/1.1 503")
         assert app.early_calls == [] and app.taken == []
-    finally:
-        server.close()
-        await server.wait_closed()
