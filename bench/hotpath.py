@@ -35,7 +35,7 @@ import uvicorn  # noqa: E402
 import uvloop  # noqa: E402
 
 from app.bench.client import LoadSpec, run_load  # noqa: E402
-from app.http_protocol import CoalescingHttpToolsProtocol  # noqa: E402
+from app.http_protocol import GatewayHttpProtocol  # noqa: E402
 from app.local.procs import free_port  # noqa: E402
 from app.server import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
@@ -61,7 +61,7 @@ class InProcessGateway:
             host="127.0.0.1",
             port=settings.port,
             loop="none",
-            http=CoalescingHttpToolsProtocol,
+            http=GatewayHttpProtocol,
             log_config=None,
             access_log=False,
         )
