@@ -117,6 +117,14 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.early_starts = Counter(
+            "switchyard_early_starts",
+            "Proxied requests begun in the server's read callback (started: checked, and sent "
+            "upstream unless refused) or left to their task because the key's record was not "
+            "cached (not_cached).",
+            ["outcome"],
+            registry=r,
+        )
         self.estimate_ratio = Histogram(
             "switchyard_completion_estimate_ratio",
             "Real completion tokens / tokens reserved for the completion up front.",
@@ -187,5 +195,6 @@ class GatewayMetrics:
             self.inflight,
             self.limiter_decisions,
             self.overlapped,
+            self.early_starts,
         ):
             metric.labels = functools.lru_cache(maxsize=4096)(metric.labels)  # type: ignore[method-assign,assignment]

@@ -214,7 +214,9 @@ class ProxyEndpoints:
             authorization = _header(scope, b"authorization")
             key = svc.auth.authenticate_cached(authorization)
             if key is None:
+                svc.metrics.early_starts.labels("not_cached").inc()
                 return None  # nothing done yet: the task authenticates, awaiting Redis
+            svc.metrics.early_starts.labels("started").inc()
             if len(body) > svc.settings.max_body_bytes:
                 raise too_large(svc.settings.max_body_bytes)
             return state, _prepare(state, key, body)

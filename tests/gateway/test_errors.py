@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.conftest import GatewayFactory, GatewayServer, start_simulator
+from tests.gateway.test_streaming import metric
 from tests.support.procs import free_port
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -247,6 +248,7 @@ def test_requests_started_early_get_the_same_answers(
 
     chat = {"model": "chat-small", "messages": MSG, "max_tokens": 3}
     assert one_write(json.dumps(chat).encode())[0] == 200  # the key is cached from here on
+    assert metric(gw, "switchyard_early_starts_total", outcome="not_cached") == 1
     cases = [
         (chat, 200, None, True),
         (b"{not json", 400, "invalid_json", True),
@@ -273,3 +275,4 @@ def test_requests_started_early_get_the_same_answers(
     reply = gw.client(key).chat.completions.create(model="chat-small", messages=MSG, max_tokens=3)
     assert reply.choices[0].message.content
     assert len(started) == before + 1
+    assert metric(gw, "switchyard_early_starts_total", outcome="started") == len(started) - 1
