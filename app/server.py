@@ -161,7 +161,6 @@ class GatewayApp(FastAPI):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._proxy = openai.ProxyEndpoints()
-        self._hot = frozenset(openai.ProxyEndpoints.PATHS)
 
     def openapi(self) -> dict[str, Any]:
         """FastAPI's schema plus the plain-ASGI endpoints, described from the same models
@@ -223,7 +222,8 @@ class GatewayApp(FastAPI):
         self.openapi_schema = schema
         return schema
 
-    # The server's early start (app.http_protocol.EarlyStart): which requests, and how.
+    # The proxied endpoints: plain ASGI here (see __call__), and the requests the server
+    # starts early (app.http_protocol.EarlyStart).
     early_paths = frozenset(openai.ProxyEndpoints.PATHS)
 
     @property
@@ -238,7 +238,7 @@ class GatewayApp(FastAPI):
         return self._proxy.early(services, scope, body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in self._hot:
+        if scope["type"] == "http" and scope["path"] in self.early_paths:
             if scope["method"] != "POST":
                 error = APIError(
                     405,

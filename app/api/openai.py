@@ -241,12 +241,8 @@ class ProxyEndpoints:
             if isinstance(prepared, Exception):
                 raise prepared
             if prepared is None:
-                headers = dict(scope["headers"])
-                authorization = headers.get(b"authorization")
-                key = await svc.auth.authenticate(
-                    authorization.decode("latin-1") if authorization else None
-                )
-                body = await read_body(receive, headers, svc.settings.max_body_bytes)
+                key = await svc.auth.authenticate(_header(scope, b"authorization"))
+                body = await read_body(receive, dict(scope["headers"]), svc.settings.max_body_bytes)
                 prepared = _prepare(state, key, body)
             await self._serve(state, prepared, receive, send)
         except APIError as exc:

@@ -70,16 +70,21 @@ class Authenticator:
         """``authenticate`` without awaiting: None when the key's record is not freshly
         cached (the caller then awaits ``authenticate``)."""
         key_id, token = _bearer(authorization)
+        fresh, record = self._cached(key_id)
+        return _checked(record, token) if fresh else None
+
+    def _cached(self, key_id: str) -> tuple[bool, KeyRecord | None]:
+        """(whether a fresh cached answer exists, the record: None for an unknown key)."""
         hit = self._cache.get(key_id)
-        if hit is None or time.monotonic() - hit[0] >= self._ttl:
-            return None
-        return _checked(hit[1], token)
+        if hit is not None and time.monotonic() - hit[0] < self._ttl:
+            return True, hit[1]
+        return False, None
 
     async def _lookup(self, key_id: str) -> KeyRecord | None:
-        now = time.monotonic()
-        hit = self._cache.get(key_id)
-        if hit is not None and now - hit[0] < self._ttl:
-            return hit[1]
+        fresh, cached = self._cached(key_id)
+        if fresh:
+            return cached
+        hit = self._cache.get(key_id)  # stale: still honoured while Redis cannot answer
         # Single flight: concurrent requests for the same key share one Redis GET.
         pending = self._inflight.get(key_id)
         if pending is not None:

@@ -200,8 +200,6 @@ class Proxy:
             )
             raise _UpstreamFailure("timeout", error, retry=False) from None
         finally:
-            if sent is not None:  # cancelled before the answer: the connection goes with it
-                sent.close()
             replica.outstanding -= 1
         _check_status(status, body)
         return body
@@ -252,8 +250,6 @@ class Proxy:
                     first = splitter.feed(data)
         except BaseException as exc:
             replica.outstanding -= 1
-            if sent is not None:
-                sent.close()
             if resp is not None:
                 resp.close()
             if isinstance(exc, _CONNECT_ERRORS):
