@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from app.auth.keys import KeyRecord, KeyStore, hash_matches, parse_key
 from app.errors import APIError, unauthorized, unavailable
+from app.ttl_cache import fresh
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +71,13 @@ class Authenticator:
         """``authenticate`` without awaiting: None when the key's record is not freshly
         cached (the caller then awaits ``authenticate``)."""
         key_id, token = _bearer(authorization)
-        fresh, record = self._cached(key_id)
-        return _checked(record, token) if fresh else None
-
-    def _cached(self, key_id: str) -> tuple[bool, KeyRecord | None]:
-        """(whether a fresh cached answer exists, the record: None for an unknown key)."""
-        hit = self._cache.get(key_id)
-        if hit is not None and time.monotonic() - hit[0] < self._ttl:
-            return True, hit[1]
-        return False, None
+        cached, record = fresh(self._cache, key_id, self._ttl)
+        return _checked(record, token) if cached else None
 
     async def _lookup(self, key_id: str) -> KeyRecord | None:
-        fresh, cached = self._cached(key_id)
-        if fresh:
-            return cached
+        cached, record = fresh(self._cache, key_id, self._ttl)
+        if cached:
+            return record
         hit = self._cache.get(key_id)  # stale: still honoured while Redis cannot answer
         # Single flight: concurrent requests for the same key share one Redis GET.
         pending = self._inflight.get(key_id)

@@ -36,6 +36,7 @@ from app.limits.headers import duration, ratelimit_headers
 from app.limits.peers import PeerCount
 from app.metrics import GatewayMetrics
 from app.redis_batch import Command, PipelineBatcher
+from app.ttl_cache import fresh
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class Limiter:
           once and the reply's callback decides (no task, no coroutine, most of what a
           decision costs the gateway); otherwise ``admit`` runs as a task;
         - None: the caller awaits ``admit``."""
-        cached, customer = self._cached_limits(key.customer)
+        cached, customer = fresh(self._customers, key.customer, self._cache_ttl)
         plan = self._plans.get(key, spec.name, customer) if cached else None
         if plan is not None and not plan.budgets and key.max_concurrent is None:
             return self._unlimited(key, spec, demand, request_id)
@@ -389,15 +390,8 @@ class Limiter:
 
     # -- customers ----------------------------------------------------------------------------
 
-    def _cached_limits(self, customer: str) -> tuple[bool, Limits | None]:
-        """(whether a fresh cached answer exists, the customer's limits)."""
-        hit = self._customers.get(customer)
-        if hit is not None and time.monotonic() - hit[0] < self._cache_ttl:
-            return True, hit[1]
-        return False, None
-
     async def _customer_limits(self, customer: str) -> Limits | None:
-        cached, limits = self._cached_limits(customer)
+        cached, limits = fresh(self._customers, customer, self._cache_ttl)
         if cached:
             return limits
         now = time.monotonic()
