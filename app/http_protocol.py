@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import struct
 from collections.abc import Callable, Iterable
@@ -43,6 +44,14 @@ class CoalescingTransport:
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self.flush)
+
+    def write_now(self, data: bytes) -> None:
+        """Write ``data`` at once, after whatever is pending, in one call."""
+        if self._pending:
+            self._pending.append(data)
+            self.flush()
+        elif not self._transport.is_closing():
+            self._transport.write(data)
 
     def flush(self) -> None:
         self._scheduled = False
@@ -89,6 +98,13 @@ DISCONNECT_EXTENSION = "switchyard.disconnect"
 # ``scope["extensions"][FLUSH_EXTENSION]()`` writes what the response has sent so far now,
 # not at the end of the loop turn: a stream's events go out as they come.
 FLUSH_EXTENSION = "switchyard.flush"
+# ``scope["extensions"][SEND_CHUNK_EXTENSION](data) -> bool`` writes one chunk of a started
+# chunked response (what an ASGI ``http.response.body`` with ``more_body`` would) out at once,
+# from any callback: no task need wake for it. False, with nothing written, while the client's
+# connection is paused for back-pressure: the app then sends with the ASGI ``send``, which
+# waits for the client to catch up. app/proxy/relay.py relays stream events with it from the
+# upstream connection's read callback.
+SEND_CHUNK_EXTENSION = "switchyard.send_chunk"
 # ``scope["extensions"][EARLY_EXTENSION]``: an ``EarlyStart``, for the requests the app's
 # ``early_paths`` name (POST only); the app also names ``early_max_body`` (bytes).
 EARLY_EXTENSION = "switchyard.early"
@@ -174,8 +190,9 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
     answer has started, the app told of a disconnect). Idle keep-alive connections keep
     uvicorn's own timeout.
 
-    Each request's scope offers ``ABORT_EXTENSION``, ``DISCONNECT_EXTENSION`` and
-    ``FLUSH_EXTENSION``; a POST to one of the app's ``early_paths`` also ``EARLY_EXTENSION``."""
+    Each request's scope offers ``ABORT_EXTENSION``, ``DISCONNECT_EXTENSION``,
+    ``FLUSH_EXTENSION`` and ``SEND_CHUNK_EXTENSION``; a POST to one of the app's
+    ``early_paths`` also ``EARLY_EXTENSION``."""
 
     max_head_bytes = MAX_HEAD_BYTES
 
@@ -241,6 +258,17 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
             cycle.disconnected = True
         self.transport.abort()
 
+    def _send_chunk(self, cycle: RequestResponseCycle, data: bytes) -> bool:
+        if cycle.disconnected:
+            return True  # dropped, as uvicorn's send drops it
+        if cycle.flow.write_paused:
+            return False
+        if not cycle.response_started or cycle.response_complete or not cycle.chunked_encoding:
+            raise RuntimeError("send_chunk: no chunked response is under way")
+        if data:
+            self.coalescing.write_now(b"%x\r\n%s\r\n" % (len(data), data))
+        return True
+
     def on_headers_complete(self) -> None:
         if self._refused:
             return
@@ -255,6 +283,11 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
             super().on_headers_complete()  # starts the ASGI task: see _start_asgi_task
         finally:
             self._in_headers_complete = False
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # not an upgrade uvicorn took
+            # Its task, started or deferred, runs a loop turn later and finds this in scope.
+            extensions: dict[str, Any] = self.scope["extensions"]
+            extensions[SEND_CHUNK_EXTENSION] = functools.partial(self._send_chunk, cycle)
         self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:

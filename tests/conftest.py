@@ -22,6 +22,7 @@ import openai
 import pytest
 import redis as redis_sync
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.http_protocol import GatewayHttpProtocol
 from app.server import create_app
@@ -133,7 +134,9 @@ def catalog_for(simulators: dict[str, list[Proc]], **extra_models: Any) -> dict[
 class GatewayServer:
     """One in-process gateway on a free port, with helpers for tests."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, protocol: type[HttpToolsProtocol] = GatewayHttpProtocol
+    ) -> None:
         self.settings = settings
         self.app = create_app(settings)
         self.port = free_port()
@@ -143,7 +146,7 @@ class GatewayServer:
             host="127.0.0.1",
             port=self.port,
             loop="uvloop",
-            http=GatewayHttpProtocol,
+            http=protocol,
             log_config=None,
             access_log=False,
             lifespan="on",
@@ -215,7 +218,11 @@ def gateway_factory(
 ) -> Iterator[GatewayFactory]:
     started: list[GatewayServer] = []
 
-    def make(catalog: dict[str, Any] | None = None, **overrides: Any) -> GatewayServer:
+    def make(
+        catalog: dict[str, Any] | None = None,
+        protocol: type[HttpToolsProtocol] = GatewayHttpProtocol,
+        **overrides: Any,
+    ) -> GatewayServer:
         values: dict[str, Any] = {
             "redis_url": redis_url,
             "catalog": catalog if catalog is not None else catalog_for(simulators),
@@ -225,7 +232,7 @@ def gateway_factory(
             "gc_freeze": False,  # in-process gateways: the heap is pytest's
         }
         settings = Settings(**(values | overrides))
-        gw = GatewayServer(settings).start()
+        gw = GatewayServer(settings, protocol).start()
         started.append(gw)
         return gw
 

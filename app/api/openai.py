@@ -37,6 +37,7 @@ from app.http_protocol import (
     DISCONNECT_EXTENSION,
     EARLY_EXTENSION,
     FLUSH_EXTENSION,
+    SEND_CHUNK_EXTENSION,
     DisconnectHook,
 )
 from app.limits.limiter import Admission, Demand
@@ -237,6 +238,7 @@ class ProxyEndpoints:
         state.abort = extensions.get(ABORT_EXTENSION)
         state.disconnect_hook = extensions.get(DISCONNECT_EXTENSION)
         state.flush = extensions.get(FLUSH_EXTENSION)
+        state.send_now = extensions.get(SEND_CHUNK_EXTENSION)
         try:
             if isinstance(prepared, Exception):
                 raise prepared
@@ -410,6 +412,7 @@ class _Exchange:
         "model",
         "response_started",
         "route",
+        "send_now",
         "started",
         "status",
         "svc",
@@ -427,6 +430,8 @@ class _Exchange:
         self.abort: Callable[[], None] | None = None  # drops the client connection at once
         self.disconnect_hook: DisconnectHook | None = None
         self.flush: Callable[[], None] | None = None  # writes what was sent so far at once
+        # Sends stream events from any callback (see StreamRelay.events).
+        self.send_now: Callable[[bytes], bool] | None = None
 
     def record(self) -> None:
         metrics = self.svc.metrics
@@ -503,7 +508,7 @@ async def _send_stream(
         state.status = 200
         sending = False
         flush = state.flush
-        async for chunk in relay.events():
+        async for chunk in relay.events(state.send_now):
             sending = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if flush is not None:  # now, not when this task next waits for the engine

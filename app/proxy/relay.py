@@ -20,7 +20,7 @@ import orjson
 
 from app.errors import APIError, bad_gateway, gateway_timeout, unavailable
 from app.metrics import GatewayMetrics
-from app.proxy.sse import DONE, SSESplitter, inspect
+from app.proxy.sse import SSESplitter, inspect
 from app.proxy.upstream import (
     Sent,
     UpstreamDisconnected,
@@ -283,6 +283,10 @@ class StreamRelay:
         self._splitter = splitter
         self._first = first
         self._usage: dict[str, int] | None = None
+        self._saw_done = False
+        self._send_now: Callable[[bytes], bool] | None = None
+        self._held = b""
+        self._pipe_error: ValueError | None = None
         self._chunks = 0
         self._completed = False
         self._finished = False
@@ -299,7 +303,9 @@ class StreamRelay:
         keep_usage = self._call.client_wants_usage
         for ev in events:
             info = inspect(ev)
-            if info.usage is not None:
+            if info.done:
+                self._saw_done = True
+            elif info.usage is not None:
                 self._usage = info.usage
                 if info.usage_only and not keep_usage:
                     continue
@@ -311,18 +317,22 @@ class StreamRelay:
         data = b"".join(out)
         return self._rename(data) if self._rename is not None else data
 
-    async def events(self) -> AsyncIterator[bytes]:
-        """The stream's events for the client. No deadline here: a timeout around a generator
-        would also fire while its consumer is blocked writing to a slow client; the request's
-        total deadline is kept by the consumer (see ``api.openai._send_stream``)."""
+    async def events(self, send_now: Callable[[bytes], bool] | None = None) -> AsyncIterator[bytes]:
+        """The stream's events for the client to be sent by the caller: all of them, or, with
+        ``send_now``, only the first ones and those the client's connection could not take at
+        once (``send_now`` returned False: it is paused for back-pressure).
+
+        ``send_now`` sends events from the upstream connection's own read callback, as they
+        arrive, so no task wakes and no generator steps per event (at 500 streams/s the
+        gateway relays ~8,500 events/s). No deadline here: a timeout around a generator would
+        also fire while its consumer is blocked writing to a slow client; the request's total
+        deadline is kept by the consumer (see ``api.openai._send_stream``)."""
         metrics = self._proxy.metrics
         model = self._call.spec.name
         route = self._route
         requested, target = (route.requested, route.target) if route else (model, model)
-        saw_done = False
         try:
             data = self._filter(self._first)
-            saw_done = DONE in data
             if data:
                 yield data
             if self._first_token_at is not None:
@@ -330,21 +340,44 @@ class StreamRelay:
                 metrics.ttft.labels(requested, target).observe(ttft)
                 if route is not None:
                     route.ttft = ttft
-            while True:
-                raw = await self._resp.readany()
-                if not raw:
-                    break
-                data = self._filter(self._splitter.feed(raw))
-                if data:
-                    saw_done = saw_done or DONE in data
-                    yield data
-            if not saw_done:
+            if send_now is not None:
+                self._send_now = send_now
+                while not await self._resp.pipe(self._pipe):
+                    if self._pipe_error is not None:
+                        raise self._pipe_error
+                    held, self._held = self._held, b""
+                    if held:
+                        yield held
+                if self._pipe_error is not None:
+                    raise self._pipe_error
+            else:
+                while raw := await self._resp.readany():
+                    if data := self._filter(self._splitter.feed(raw)):
+                        yield data
+            if not self._saw_done:
                 raise UpstreamDisconnected("stream ended without [DONE]")
             self._completed = True
         except (UpstreamError, ValueError) as exc:
             yield self.broken("broken_stream", type(exc).__name__)
         finally:
             self.finish()
+
+    def _pipe(self, raw: bytes) -> bool:
+        """``UpstreamResponse.pipe``'s sink: relay what ``raw`` completes, now. False (stop)
+        when the client's connection cannot take it (kept in ``_held``) or the engine sent
+        what the splitter refuses (kept in ``_pipe_error``: a sink must not raise)."""
+        try:
+            data = self._filter(self._splitter.feed(raw))
+        except ValueError as exc:
+            self._pipe_error = exc
+            return False
+        if not data:
+            return True
+        assert self._send_now is not None
+        if self._send_now(data):
+            return True
+        self._held = data
+        return False
 
     def broken(self, reason: str, detail: str) -> bytes:
         """The error event that ends a stream the engine failed (or was too slow) to finish."""

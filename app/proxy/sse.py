@@ -13,7 +13,7 @@ import orjson
 DONE = b"data: [DONE]"
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class EventInfo:
     """What the relay needs to know about one event."""
 
@@ -21,6 +21,13 @@ class EventInfo:
     usage_only: bool = False  # the include_usage chunk: choices == [] and usage set
     content: bool = False  # carries at least one choice (a generated token)
     error: bool = False
+    done: bool = False  # data: [DONE], the end of the stream
+
+
+# Shared answers for the events of every stream (no allocation per event).
+_OTHER = EventInfo()
+_CONTENT = EventInfo(content=True)
+_DONE = EventInfo(done=True)
 
 
 class SSESplitter:
@@ -70,27 +77,32 @@ class SSESplitter:
 
 def inspect(event: bytes) -> EventInfo:
     """Classify one SSE event without a JSON parse unless it carries usage or an error."""
-    info = EventInfo()
-    if not event.startswith(b"data:") or event.startswith(DONE):
-        return info
+    if not event.startswith(b"data:"):
+        return _OTHER
+    if event.startswith(DONE):
+        return _DONE
     has_usage = (
         b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event
     )
-    if b'"error"' in event[:32]:
-        info.error = True
+    error = b'"error"' in event[:32]
     if not has_usage:
-        info.content = b'"choices":[]' not in event and b'"choices": []' not in event
-        return info
+        content = b'"choices":[]' not in event and b'"choices": []' not in event
+        if error:
+            return EventInfo(content=content, error=True)
+        return _CONTENT if content else _OTHER
     try:
         obj = orjson.loads(event[5:].strip())
     except orjson.JSONDecodeError:
-        return info
+        return EventInfo(error=error)
     if not isinstance(obj, dict):
-        return info
+        return EventInfo(error=error)
     usage = obj.get("usage")
-    if isinstance(usage, dict):
-        info.usage = {k: int(v) for k, v in usage.items() if isinstance(v, int)}
     choices = obj.get("choices")
-    info.usage_only = choices == []
-    info.content = bool(choices)
-    return info
+    return EventInfo(
+        usage={k: int(v) for k, v in usage.items() if isinstance(v, int)}
+        if isinstance(usage, dict)
+        else None,
+        usage_only=choices == [],
+        content=bool(choices),
+        error=error,
+    )

@@ -15,6 +15,7 @@ import collections
 import functools
 import ssl
 import time
+from collections.abc import Callable
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -43,7 +44,17 @@ class UpstreamResponse:
     ``release`` (or leaving ``async with``) keeps the connection only if the body was read to
     the end; ``close`` always drops it (which makes an engine stop generating)."""
 
-    __slots__ = ("_chunks", "_conn", "_done", "_error", "_size", "_waiter", "keep_alive", "status")
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_done",
+        "_error",
+        "_sink",
+        "_size",
+        "_waiter",
+        "keep_alive",
+        "status",
+    )
 
     def __init__(self, conn: _Connection) -> None:
         self._conn: _Connection | None = conn
@@ -54,10 +65,19 @@ class UpstreamResponse:
         self._done = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], bool] | None = None
 
     # -- fed by the connection ------------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            if not sink(data):  # it must wait: stop reading until the next pipe or readany
+                self._sink = None
+                if self._conn is not None:
+                    self._conn.pause()
+                self._wake()
+            return
         self._chunks.append(data)
         self._size += len(data)
         if self._size > HIGH_WATER and self._conn is not None:
@@ -95,6 +115,37 @@ class UpstreamResponse:
         if self._conn is not None:
             self._conn.resume()
         return data
+
+    async def pipe(self, sink: Callable[[bytes], bool]) -> bool:
+        """Hand the body to ``sink`` as it arrives, in the connection's own read callback,
+        instead of waking the reader for every chunk: True once the body has ended, False as
+        soon as ``sink`` returns False (it took that chunk but must wait; reading is paused
+        until the next ``pipe`` or ``readany``). ``sink`` must not raise. A broken connection
+        raises as in ``readany``."""
+        if self._chunks:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            if not sink(data):
+                if self._conn is not None:
+                    self._conn.pause()
+                return False
+        if self._conn is not None:
+            self._conn.resume()
+        while not self._done:
+            self._sink = sink
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                stopped = self._sink is None
+                self._sink = None
+            if stopped:
+                return False
+        if self._error is not None:
+            raise self._error
+        return True
 
     async def read(self) -> bytes:
         parts = []

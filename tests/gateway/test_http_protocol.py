@@ -14,6 +14,7 @@ from uvicorn.server import ServerState
 
 from app.http_protocol import (
     EARLY_EXTENSION,
+    SEND_CHUNK_EXTENSION,
     CoalescingHttpToolsProtocol,
     CoalescingTransport,
     DisconnectHook,
@@ -167,6 +168,66 @@ async def _test_a_finished_response_leaves_before_callbacks_queued_ahead_of_it()
             client.close()
 
 
+def test_send_chunk_writes_a_stream_chunk_from_a_callback_at_once_and_waits_out_back_pressure() -> (
+    None
+):
+    asyncio.run(_test_send_chunk())
+
+
+async def _test_send_chunk() -> None:
+    """``send_chunk`` runs outside any task; what it sends is on the socket when it returns, and
+    while the client's connection is paused it sends nothing and says so."""
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    protocols: list[GatewayHttpProtocol] = []
+    results: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        send_chunk = scope["extensions"][SEND_CHUNK_EXTENSION]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        done = loop.create_future()
+
+        def callback() -> None:
+            results.append(asyncio.current_task())
+            results.append(send_chunk(b"a"))
+            try:
+                results.append(client.recv(65536))
+            except BlockingIOError:
+                results.append(b"")
+            protocols[0].pause_writing()
+            results.append(send_chunk(b"b"))
+            protocols[0].resume_writing()
+            done.set_result(None)
+
+        loop.call_soon(callback)
+        await done
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    class Recorded(GatewayHttpProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            protocols.append(self)
+
+    async with _serving(app, Recorded) as port:
+        try:
+            client.setblocking(False)
+            await loop.sock_connect(client, ("127.0.0.1", port))
+            await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            rest = b""
+            while not rest.endswith(b"0\r\n\r\n"):
+                rest += await asyncio.wait_for(loop.sock_recv(client, 65536), 10)
+        finally:
+            client.close()
+    no_task, sent, on_socket, refused = results
+    assert no_task is None
+    assert sent is True
+    assert on_socket.startswith(b"HTTP/1.1 200 OK\r\n")  # head and chunk, already written
+    assert on_socket.endswith(b"transfer-encoding: chunked\r\n\r\n1\r\na\r\n")
+    assert refused is False
+    assert rest == b"0\r\n\r\n"  # "b" was never sent
+
+
 class EarlyApp:
     """An app that offers the early start for POST /hot and records what it got."""
 
@@ -284,3 +345,20 @@ async def _test_a_request_over_the_concurrency_limit_is_not_started_early() -> N
         writer.close()
         assert status.startswith(b"HTTP/1.1 503")
         assert app.early_calls == [] and app.taken == []
+
+
+def test_write_now_sends_what_is_pending_first_in_one_write() -> None:
+    async def main() -> None:
+        transport = RecordingTransport()
+        coalescing = CoalescingTransport(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+        coalescing.write_now(b"alone")
+        coalescing.write(b"head ")
+        coalescing.write_now(b"chunk")
+        assert transport.writes == [b"alone", b"head chunk"]
+        await asyncio.sleep(0)  # the scheduled flush finds nothing left
+        assert transport.writes == [b"alone", b"head chunk"]
+        transport.closed = True
+        coalescing.write_now(b"late")
+        assert transport.writes == [b"alone", b"head chunk"]
+
+    asyncio.run(main())

@@ -10,7 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.http_protocol import GatewayHttpProtocol
 from tests.conftest import GatewayFactory, GatewayServer, sim_stats, start_simulator, wait_for
 from tests.support.procs import Proc
 
@@ -27,10 +29,19 @@ def slow_sim(logs_dir: Path) -> Iterator[Proc]:
     sim.stop()
 
 
-@pytest.fixture
-def slow_gateway(gateway_factory: GatewayFactory, slow_sim: Proc) -> GatewayServer:
+@pytest.fixture(
+    params=[GatewayHttpProtocol, HttpToolsProtocol],
+    ids=["events-sent-from-the-read-callback", "events-sent-by-the-task"],
+)
+def slow_gateway(
+    gateway_factory: GatewayFactory, slow_sim: Proc, request: pytest.FixtureRequest
+) -> GatewayServer:
+    """The gateway behind its own protocol, which relays a stream's events from the engine
+    connection's callback (``send_chunk``), and behind uvicorn's, which offers no extension:
+    the request's task relays them."""
     base = slow_sim.url.removesuffix("/health")
-    return gateway_factory(catalog={"models": [{"name": "slow-chat", "endpoints": [base]}]})
+    catalog = {"models": [{"name": "slow-chat", "endpoints": [base]}]}
+    return gateway_factory(catalog=catalog, protocol=request.param)
 
 
 def metric(gw: GatewayServer, name: str, **labels: str) -> float:

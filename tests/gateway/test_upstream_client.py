@@ -306,3 +306,85 @@ def test_send_writes_at_once_on_a_kept_connection_and_receive_connects_otherwise
         assert stats["connections"] == 2
 
     run(recording_echo, scenario)
+
+
+async def events_then_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Three events 20 ms apart on a chunked stream, then the end; then the next request."""
+    await read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    for event in (b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"):
+        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    await read_request(reader)
+
+
+def test_a_piped_stream_reaches_the_sink_in_the_read_callback_and_the_connection_is_kept() -> None:
+    async def scenario(url: str, _: dict[str, Any]) -> tuple[list[bytes], bool, bool]:
+        pool = UpstreamPool(1.0)
+        resp = await pool.post(url, "/v1/chat/completions", b"{}")
+        owner = asyncio.current_task()
+        pieces: list[bytes] = []
+        in_owner: list[bool] = []
+
+        def sink(data: bytes) -> bool:
+            pieces.append(data)
+            in_owner.append(asyncio.current_task() is owner)
+            return True
+
+        ended = await resp.pipe(sink)
+        resp.release()
+        following = pool.send(url, "/v1/next", b"")
+        kept = following.response is not None  # written on the same connection
+        following.close()
+        # The first piece may have been buffered with the headers, and is handed over by
+        # pipe itself; the ones that came later never woke the task.
+        return pieces, ended, any(in_owner[1:]) or not kept
+
+    pieces, ended, stray = run(events_then_end, scenario)
+    assert pieces == [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+    assert ended is True
+    assert stray is False  # later pieces came in the read callback; one connection served both
+
+
+def test_a_sink_that_must_wait_stops_the_pipe_and_pausing_holds_the_rest_back() -> None:
+    async def scenario(url: str, _: dict[str, Any]) -> tuple[list[bytes], list[bool], bool]:
+        resp = await UpstreamPool(1.0).post(url, "/v1/chat/completions", b"{}")
+        pieces: list[bytes] = []
+        results = [await resp.pipe(lambda data: bool(pieces.append(data)))]  # stops at once
+        assert resp._conn is not None and resp._conn._paused  # nothing read while it waits
+        await asyncio.sleep(0.1)  # the server wrote the rest meanwhile
+        paused_pieces = list(pieces)
+
+        def sink(data: bytes) -> bool:
+            pieces.append(data)
+            return True
+
+        results.append(await resp.pipe(sink))  # resumes: the rest, then the end
+        resp.release()
+        return pieces, results, paused_pieces == [b"data: 1\n\n"]
+
+    pieces, results, held = run(events_then_end, scenario)
+    assert b"".join(pieces) == b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
+    assert results == [False, True]
+    assert held
+
+
+def test_a_pipe_raises_when_the_replica_cuts_the_stream() -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+    async def scenario(url: str, _: dict[str, Any]) -> list[bytes]:
+        resp = await UpstreamPool(1.0).post(url, "/v1/chat/completions", b"{}")
+        pieces: list[bytes] = []
+        with pytest.raises(UpstreamDisconnected):
+            await resp.pipe(lambda data: pieces.append(data) is None)
+        resp.close()
+        return pieces
+
+    assert run(cut, scenario) == [b"data: 1\n\n"]
