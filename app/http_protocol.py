@@ -98,11 +98,12 @@ DISCONNECT_EXTENSION = "switchyard.disconnect"
 # ``scope["extensions"][FLUSH_EXTENSION]()`` writes what the response has sent so far now,
 # not at the end of the loop turn: a stream's events go out as they come.
 FLUSH_EXTENSION = "switchyard.flush"
-# ``scope["extensions"][SEND_CHUNK_EXTENSION](data) -> bool`` writes one chunk of a started
-# chunked response (what an ASGI ``http.response.body`` with ``more_body`` would) out at once,
-# from any callback: no task need wake for it. False, with nothing written, while the client's
-# connection is paused for back-pressure: the app then sends with the ASGI ``send``, which
-# waits for the client to catch up. app/proxy/relay.py relays stream events with it from the
+# ``scope["extensions"][SEND_CHUNK_EXTENSION](data, last=False) -> bool`` writes one chunk of
+# a started chunked response (what an ASGI ``http.response.body`` would; ``last``: and ends the
+# response) out at once, from any callback: no task need wake for it. False, with nothing
+# written, while the client's connection is paused for back-pressure: the app then sends with
+# the ASGI ``send``, which waits for the client to catch up. After a ``last`` that returned
+# True the app sends nothing more. app/proxy/relay.py relays stream events with it from the
 # upstream connection's read callback.
 SEND_CHUNK_EXTENSION = "switchyard.send_chunk"
 # ``scope["extensions"][EARLY_EXTENSION]``: an ``EarlyStart``, for the requests the app's
@@ -258,13 +259,21 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
             cycle.disconnected = True
         self.transport.abort()
 
-    def _send_chunk(self, cycle: RequestResponseCycle, data: bytes) -> bool:
+    def _send_chunk(self, cycle: RequestResponseCycle, data: bytes, last: bool = False) -> bool:
         if cycle.disconnected:
             return True  # dropped, as uvicorn's send drops it
         if cycle.flow.write_paused:
             return False
         if not cycle.response_started or cycle.response_complete or not cycle.chunked_encoding:
             raise RuntimeError("send_chunk: no chunked response is under way")
+        if last:  # uvicorn's own send, for its bookkeeping: it awaits only a paused client
+            step = cycle.send({"type": "http.response.body", "body": data, "more_body": False})
+            try:
+                step.send(None)
+            except StopIteration:
+                return True
+            step.close()
+            raise RuntimeError("send_chunk: uvicorn's send waited")
         if data:
             self.coalescing.write_now(b"%x\r\n%s\r\n" % (len(data), data))
         return True

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -238,7 +239,7 @@ class ProxyEndpoints:
         state.abort = extensions.get(ABORT_EXTENSION)
         state.disconnect_hook = extensions.get(DISCONNECT_EXTENSION)
         state.flush = extensions.get(FLUSH_EXTENSION)
-        state.send_now = extensions.get(SEND_CHUNK_EXTENSION)
+        state.send_chunk = extensions.get(SEND_CHUNK_EXTENSION)
         try:
             if isinstance(prepared, Exception):
                 raise prepared
@@ -412,7 +413,7 @@ class _Exchange:
         "model",
         "response_started",
         "route",
-        "send_now",
+        "send_chunk",
         "started",
         "status",
         "svc",
@@ -430,8 +431,8 @@ class _Exchange:
         self.abort: Callable[[], None] | None = None  # drops the client connection at once
         self.disconnect_hook: DisconnectHook | None = None
         self.flush: Callable[[], None] | None = None  # writes what was sent so far at once
-        # Sends stream events from any callback (see StreamRelay.events).
-        self.send_now: Callable[[bytes], bool] | None = None
+        # Sends a stream's events from any callback (see StreamRelay.events).
+        self.send_chunk: Callable[..., bool] | None = None
 
     def record(self) -> None:
         metrics = self.svc.metrics
@@ -493,11 +494,20 @@ async def _send_stream(
     assert owner is not None
     expired = False
     sending = True
+    ended = False  # by end_now: the response is complete, nothing more may be sent
+    send_chunk = state.send_chunk
 
     def expire() -> None:
         nonlocal expired
-        expired = True
-        owner.cancel()
+        if not ended:
+            expired = True
+            owner.cancel()
+
+    def end_now() -> None:
+        nonlocal ended
+        assert send_chunk is not None
+        watcher.done = True
+        ended = send_chunk(b"", True)
 
     remaining = call.started + state.svc.settings.total_timeout_s - time.perf_counter()
     timer = asyncio.get_running_loop().call_later(max(0.001, remaining), expire)
@@ -508,7 +518,8 @@ async def _send_stream(
         state.status = 200
         sending = False
         flush = state.flush
-        async for chunk in relay.events(state.send_now):
+        send_now = partial(send_chunk, last=False) if send_chunk is not None else None
+        async for chunk in relay.events(send_now, end_now):
             sending = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if flush is not None:  # now, not when this task next waits for the engine
@@ -516,7 +527,8 @@ async def _send_stream(
             sending = False
         watcher.done = True
         sending = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
         if not expired or watcher.gone:
             raise

@@ -285,6 +285,7 @@ class StreamRelay:
         self._usage: dict[str, int] | None = None
         self._saw_done = False
         self._send_now: Callable[[bytes], bool] | None = None
+        self._end_now: Callable[[], None] | None = None
         self._held = b""
         self._pipe_error: ValueError | None = None
         self._chunks = 0
@@ -317,14 +318,20 @@ class StreamRelay:
         data = b"".join(out)
         return self._rename(data) if self._rename is not None else data
 
-    async def events(self, send_now: Callable[[bytes], bool] | None = None) -> AsyncIterator[bytes]:
+    async def events(
+        self,
+        send_now: Callable[[bytes], bool] | None = None,
+        end_now: Callable[[], None] | None = None,
+    ) -> AsyncIterator[bytes]:
         """The stream's events for the client to be sent by the caller: all of them, or, with
         ``send_now``, only the first ones and those the client's connection could not take at
         once (``send_now`` returned False: it is paused for back-pressure).
 
         ``send_now`` sends events from the upstream connection's own read callback, as they
         arrive, so no task wakes and no generator steps per event (at 500 streams/s the
-        gateway relays ~8,500 events/s). No deadline here: a timeout around a generator would
+        gateway relays ~8,500 events/s); ``end_now`` is called there too once the engine's
+        stream has ended whole after its last event went out, so that the response can end
+        without waiting for the task. No deadline here: a timeout around a generator would
         also fire while its consumer is blocked writing to a slow client; the request's total
         deadline is kept by the consumer (see ``api.openai._send_stream``)."""
         metrics = self._proxy.metrics
@@ -341,8 +348,8 @@ class StreamRelay:
                 if route is not None:
                     route.ttft = ttft
             if send_now is not None:
-                self._send_now = send_now
-                while not await self._resp.pipe(self._pipe):
+                self._send_now, self._end_now = send_now, end_now
+                while not await self._resp.pipe(self._pipe, self._pipe_end):
                     if self._pipe_error is not None:
                         raise self._pipe_error
                     held, self._held = self._held, b""
@@ -378,6 +385,16 @@ class StreamRelay:
             return True
         self._held = data
         return False
+
+    def _pipe_end(self) -> None:
+        """The engine's stream ended whole while piped: finish here, then let the response
+        end. In that order: the connection must be back in the pool before the client hears
+        the end, or the client's next request finds none idle and waits for a new one."""
+        if self._saw_done and self._pipe_error is None:
+            self._completed = True
+            self.finish()
+            if self._end_now is not None:
+                self._end_now()
 
     def broken(self, reason: str, detail: str) -> bytes:
         """The error event that ends a stream the engine failed (or was too slow) to finish."""

@@ -49,6 +49,7 @@ class UpstreamResponse:
         "_conn",
         "_done",
         "_error",
+        "_on_end",
         "_sink",
         "_size",
         "_waiter",
@@ -66,6 +67,7 @@ class UpstreamResponse:
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._sink: Callable[[bytes], bool] | None = None
+        self._on_end: Callable[[], None] | None = None
 
     # -- fed by the connection ------------------------------------------------------------------
 
@@ -89,6 +91,8 @@ class UpstreamResponse:
             return
         self._done = True
         self._error = error
+        if error is None and self._sink is not None and self._on_end is not None:
+            self._on_end()
         self._wake()
 
     def _wake(self) -> None:
@@ -116,12 +120,15 @@ class UpstreamResponse:
             self._conn.resume()
         return data
 
-    async def pipe(self, sink: Callable[[bytes], bool]) -> bool:
+    async def pipe(
+        self, sink: Callable[[bytes], bool], on_end: Callable[[], None] | None = None
+    ) -> bool:
         """Hand the body to ``sink`` as it arrives, in the connection's own read callback,
         instead of waking the reader for every chunk: True once the body has ended, False as
         soon as ``sink`` returns False (it took that chunk but must wait; reading is paused
-        until the next ``pipe`` or ``readany``). ``sink`` must not raise. A broken connection
-        raises as in ``readany``."""
+        until the next ``pipe`` or ``readany``). ``on_end`` runs in that callback too when the
+        body ends whole while piped, a loop turn before this returns. Neither may raise. A
+        broken connection raises as in ``readany``."""
         if self._chunks:
             data = b"".join(self._chunks)
             self._chunks.clear()
@@ -133,14 +140,14 @@ class UpstreamResponse:
         if self._conn is not None:
             self._conn.resume()
         while not self._done:
-            self._sink = sink
+            self._sink, self._on_end = sink, on_end
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
                 stopped = self._sink is None
-                self._sink = None
+                self._sink = self._on_end = None
             if stopped:
                 return False
         if self._error is not None:
@@ -211,6 +218,10 @@ class _Connection(asyncio.Protocol):
         self._fail(UpstreamDisconnected("the replica closed the connection"))
 
     # -- httptools callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.response is None:  # more after the answer (released in its own callback)
+            self._drop()
 
     def on_headers_complete(self) -> None:
         response = self.response

@@ -175,8 +175,9 @@ def test_send_chunk_writes_a_stream_chunk_from_a_callback_at_once_and_waits_out_
 
 
 async def _test_send_chunk() -> None:
-    """``send_chunk`` runs outside any task; what it sends is on the socket when it returns, and
-    while the client's connection is paused it sends nothing and says so."""
+    """``send_chunk`` runs outside any task; what it sends is on the socket when it returns,
+    while the client's connection is paused it sends nothing and says so, and ``last`` ends the
+    response there and then: the connection serves the next request."""
     loop = asyncio.get_running_loop()
     client = socket.socket()
     protocols: list[GatewayHttpProtocol] = []
@@ -186,6 +187,9 @@ async def _test_send_chunk() -> None:
         await receive()
         send_chunk = scope["extensions"][SEND_CHUNK_EXTENSION]
         await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/again":
+            await send({"type": "http.response.body", "body": b"again", "more_body": False})
+            return
         done = loop.create_future()
 
         def callback() -> None:
@@ -197,35 +201,44 @@ async def _test_send_chunk() -> None:
                 results.append(b"")
             protocols[0].pause_writing()
             results.append(send_chunk(b"b"))
+            results.append(send_chunk(b"c", last=True))
             protocols[0].resume_writing()
+            results.append(send_chunk(b"z", last=True))
             done.set_result(None)
 
         loop.call_soon(callback)
-        await done
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await done  # and sends nothing more: the response is complete
 
     class Recorded(GatewayHttpProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             protocols.append(self)
 
+    async def read_until(end: bytes) -> bytes:
+        data = b""
+        while not data.endswith(end):
+            data += await asyncio.wait_for(loop.sock_recv(client, 65536), 10)
+        return data
+
     async with _serving(app, Recorded) as port:
         try:
             client.setblocking(False)
             await loop.sock_connect(client, ("127.0.0.1", port))
             await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            rest = b""
-            while not rest.endswith(b"0\r\n\r\n"):
-                rest += await asyncio.wait_for(loop.sock_recv(client, 65536), 10)
+            rest = await read_until(b"0\r\n\r\n")
+            await loop.sock_sendall(client, b"GET /again HTTP/1.1\r\nhost: x\r\n\r\n")
+            again = await read_until(b"0\r\n\r\n")
         finally:
             client.close()
-    no_task, sent, on_socket, refused = results
+    no_task, sent, on_socket, refused, refused_last, ended = results
     assert no_task is None
     assert sent is True
     assert on_socket.startswith(b"HTTP/1.1 200 OK\r\n")  # head and chunk, already written
     assert on_socket.endswith(b"transfer-encoding: chunked\r\n\r\n1\r\na\r\n")
-    assert refused is False
-    assert rest == b"0\r\n\r\n"  # "b" was never sent
+    assert (refused, refused_last, ended) == (False, False, True)
+    assert rest == b"1\r\nz\r\n0\r\n\r\n"  # "b" and "c" were never sent
+    assert again.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert again.endswith(b"5\r\nagain\r\n0\r\n\r\n")
 
 
 class EarlyApp:

@@ -168,3 +168,23 @@ def test_a_stream_past_the_total_timeout_ends_with_a_timeout_event(
     wait_for(
         lambda: metric(gw, "switchyard_tokens_total", model="slow-chat", type="completion") >= 5
     )
+
+
+def test_streams_one_after_another_reuse_one_engine_connection(
+    slow_gateway: GatewayServer, slow_sim: Proc
+) -> None:
+    """A relayed stream hands its engine connection back before the client hears the end, so
+    the client's next request is written on it instead of waiting for a new connection."""
+    key = slow_gateway.create_key()["key"]
+    client = slow_gateway.client(key)
+    pool, _ = slow_gateway.services.proxy._upstream._host(slow_sim.url.removesuffix("/health"))
+    seen: list[object] = []  # the idle connections to the engine after each stream
+    for _ in range(4):
+        chunks = list(
+            client.chat.completions.create(
+                model="slow-chat", messages=MSG, max_tokens=2, stream=True
+            )
+        )
+        assert chunks[-1].choices[0].finish_reason == "length"
+        seen += [c for c in pool._idle if all(c is not s for s in seen)]
+    assert len(seen) == 1
