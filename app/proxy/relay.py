@@ -299,6 +299,16 @@ class StreamRelay:
             new = orjson.dumps({"model": call.spec.name})[1:-1]
             self._rename = lambda b: b.replace(old, new)
 
+    def _observe_ttft(self, ttft: float) -> None:
+        """At the first generated token, which need not be in the first event (an engine
+        may send the assistant role apart)."""
+        route = self._route
+        model = self._call.spec.name
+        requested, target = (route.requested, route.target) if route else (model, model)
+        self._proxy.metrics.ttft.labels(requested, target).observe(ttft)
+        if route is not None:
+            route.ttft = ttft
+
     def _filter(self, events: list[bytes]) -> bytes:
         out: list[bytes] = []
         keep_usage = self._call.client_wants_usage
@@ -314,6 +324,7 @@ class StreamRelay:
                 self._chunks += 1
                 if self._first_token_at is None:
                     self._first_token_at = time.perf_counter()
+                    self._observe_ttft(self._first_token_at - self._call.started)
             out.append(ev)
         data = b"".join(out)
         return self._rename(data) if self._rename is not None else data
@@ -334,19 +345,10 @@ class StreamRelay:
         without waiting for the task. No deadline here: a timeout around a generator would
         also fire while its consumer is blocked writing to a slow client; the request's total
         deadline is kept by the consumer (see ``api.openai._send_stream``)."""
-        metrics = self._proxy.metrics
-        model = self._call.spec.name
-        route = self._route
-        requested, target = (route.requested, route.target) if route else (model, model)
         try:
             data = self._filter(self._first)
             if data:
                 yield data
-            if self._first_token_at is not None:
-                ttft = self._first_token_at - self._call.started
-                metrics.ttft.labels(requested, target).observe(ttft)
-                if route is not None:
-                    route.ttft = ttft
             if send_now is not None:
                 self._send_now, self._end_now = send_now, end_now
                 while not await self._resp.pipe(self._pipe, self._pipe_end):

@@ -19,7 +19,7 @@ class EventInfo:
 
     usage: dict[str, int] | None = None
     usage_only: bool = False  # the include_usage chunk: choices == [] and usage set
-    content: bool = False  # carries at least one choice (a generated token)
+    content: bool = False  # carries a generated token (a choice that is not just the role)
     error: bool = False
     done: bool = False  # data: [DONE], the end of the stream
 
@@ -87,6 +87,12 @@ def inspect(event: bytes) -> EventInfo:
     error = b'"error"' in event[:32]
     if not has_usage:
         content = b'"choices":[]' not in event and b'"choices": []' not in event
+        if (
+            content
+            and b'"role"' in event
+            and (b'"content":""' in event or b'"content": ""' in event)
+        ):
+            content = False  # the assistant role that opens a chat stream: no token yet
         if error:
             return EventInfo(content=content, error=True)
         return _CONTENT if content else _OTHER

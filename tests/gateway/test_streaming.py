@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.http_protocol import GatewayHttpProtocol
 from tests.conftest import GatewayFactory, GatewayServer, sim_stats, start_simulator, wait_for
-from tests.support.procs import Proc
+from tests.support.procs import Proc, free_port
 
 MSG = [{"role": "user", "content": "Tell me a long story"}]
 
@@ -188,3 +190,91 @@ def test_streams_one_after_another_reuse_one_engine_connection(
         assert chunks[-1].choices[0].finish_reason == "length"
         seen += [c for c in pool._idle if all(c is not s for s in seen)]
     assert len(seen) == 1
+
+
+class SplitEngine:
+    """An engine that sends its role event, then its first token 50 ms later, as vLLM may:
+    the first token is not in the event the gateway primes the stream with."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        )
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        async def shut() -> None:
+            self._server.close()
+            for writer in self._writers:
+                writer.close()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                if not head.startswith(b"POST"):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                    continue
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                chunk = '{"id":"c","object":"chat.completion.chunk","model":"split","choices":%s}'
+                role = chunk % '[{"index":0,"delta":{"role":"assistant","content":""}}]'
+                token = chunk % '[{"index":0,"delta":{"content":"hi"},"finish_reason":"length"}]'
+                usage = chunk.removesuffix("}") % "[]" + (
+                    ',"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}'
+                )
+                for event, pause in ((role, 0.05), (token, 0), (usage, 0), ("[DONE]", 0)):
+                    data = f"data: {event}\n\n".encode()
+                    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    await writer.drain()
+                    await asyncio.sleep(pause)
+                writer.write(b"0\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+            writer.close()
+
+
+@pytest.mark.parametrize("protocol", [GatewayHttpProtocol, HttpToolsProtocol])
+def test_time_to_first_token_counts_from_the_first_token_not_the_first_event(
+    gateway_factory: GatewayFactory, protocol: type[HttpToolsProtocol]
+) -> None:
+    engine = SplitEngine()
+    try:
+        gw = gateway_factory(
+            catalog={"models": [{"name": "split", "endpoints": [engine.url]}]}, protocol=protocol
+        )
+        client = gw.client(gw.create_key()["key"])
+        chunks = list(client.chat.completions.create(model="split", messages=MSG, stream=True))
+        assert [c.choices[0].delta.content for c in chunks] == ["", "hi"]
+        count = "switchyard_time_to_first_token_seconds_count"
+        wait_for(lambda: metric(gw, count, model="split") == 1)
+        assert metric(gw, "switchyard_time_to_first_token_seconds_sum", model="split") >= 0.05
+        wait_for(
+            lambda: metric(gw, "switchyard_tokens_total", model="split", type="completion") == 1
+        )
+    finally:
+        engine.stop()
