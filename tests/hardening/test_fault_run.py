@@ -87,9 +87,18 @@ class Outcome:
     kind: str = "bad"  # "ok" | "stream_error" | "error" | "bad"
     request_id: str | None = None
     usage: dict[str, int] | None = None  # as shown to the client
-    chunks: int = 0  # stream events with choices, as the gateway counts them
+    chunks: int = 0  # stream events with a generated token, as the gateway counts them
     detail: str = ""
     at: float = 0.0
+
+
+def has_token(choices: Any) -> bool:
+    """Whether a stream event carries a generated token: it has choices, and is not the event
+    that opens a chat stream with the assistant role and empty content."""
+    if not choices:
+        return False
+    delta = choices[0].get("delta") or {}
+    return not (delta.get("role") and delta.get("content") == "")
 
 
 def clean_error(error: Any) -> bool:
@@ -139,7 +148,7 @@ def via_httpx(c: httpx.Client, base: str, key: str, out: Outcome, max_tokens: in
                 ok = clean_error(event["error"])
                 out.kind, out.detail = ("stream_error" if ok else "bad"), data[:300]
                 return
-            if event.get("choices"):
+            if has_token(event.get("choices")):
                 out.chunks += 1
             if event.get("usage"):
                 out.usage = _usage(event["usage"])
@@ -178,7 +187,7 @@ def via_openai(client: openai.OpenAI, out: Outcome, max_tokens: int) -> None:
         out.request_id = stream.response.headers.get("x-request-id")
         with stream:
             for chunk in stream:
-                if chunk.choices:
+                if has_token([c.model_dump() for c in chunk.choices]):
                     out.chunks += 1
                 if chunk.usage is not None:
                     out.usage = _usage(chunk.usage.model_dump())
