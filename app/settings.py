@@ -51,6 +51,13 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A stream entry unacknowledged this long belongs to a dead worker"
     )
     billing_health_port: int | None = Field(None, ge=1, le=65535)
+    billing_poll_s: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="While not behind, the billing worker reads the usage stream at most this "
+        "often: one read and fold per interval, not one per request",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Hot-path limits and timeouts.

@@ -307,3 +307,41 @@ def test_a_key_sees_its_own_usage(gateway: GatewayServer, redis_url: str) -> Non
     with gateway.admin() as admin:
         cus = admin.get("/admin/usage", params={"customer": "cus_view"}).json()
     assert cus["totals"] == mine.json()["totals"]
+
+
+def stream_reads(r: redis.Redis) -> int:
+    stats: dict[str, Any] = r.info("commandstats")
+    return int(stats.get("cmdstat_xreadgroup", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize(("poll_s", "most_reads"), [("0.25", 20), ("0", None)])
+def test_a_worker_that_keeps_up_reads_the_stream_once_per_poll_interval_not_per_request(
+    redis_url: str, stripe_server: FakeStripe, tmp_path: Path, poll_s: str, most_reads: int | None
+) -> None:
+    """Events trickling in one at a time (a busy gateway's usage records) are read and folded
+    in batches, one per SWITCHYARD_BILLING_POLL_S, and every one is billed; with no pause the
+    worker reads once per event."""
+    r = redis.Redis.from_url(redis_url)
+    worker = start_billing_worker(
+        redis_url, stripe_server.url, tmp_path / "worker.log", SWITCHYARD_BILLING_POLL_S=poll_s
+    )
+    try:
+        wait_for(lambda: bool(r.exists(STREAM)) and stream_reads(r) > 0, timeout=15)
+        before = stream_reads(r)
+        for i in range(80):
+            add_event(r, f"trickle-{i}")
+            time.sleep(0.02)
+        wait_for(
+            lambda: stripe_server.state.totals().get(("cus_a", "switchyard_input_tokens")) == 800,
+            timeout=15,
+        )
+        reads = stream_reads(r) - before
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(10)
+        r.close()
+    assert stripe_server.state.totals()[("cus_a", "switchyard_output_tokens")] == 400
+    if most_reads is not None:
+        assert reads <= most_reads, reads  # ~1.6 s of events at 4 reads/s: 8 here
+    else:
+        assert reads >= 40, reads  # the control: a read per event, or nearly
