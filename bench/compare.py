@@ -57,6 +57,7 @@ class Target:
     key: str
     pid: int | None  # the proxy process whose CPU is counted (None: the simulator itself)
     engine_pid: int | None = None  # the simulator behind it (its CPU too: a cost reference)
+    support_pids: tuple[int, ...] = ()  # what the proxy needs besides itself (Redis, billing)
 
 
 def ensure_litellm() -> Path:
@@ -102,10 +103,25 @@ def start_litellm(exe: Path, upstream: str, work: Path) -> tuple[Child, str]:
     return child, url
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` onto ``cpus`` (threads started later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
 @contextmanager
-def targets(work: Path, litellm: Path | None) -> Iterator[dict[str, Target]]:
+def targets(work: Path, litellm: Path | None, pinned: bool = False) -> Iterator[dict[str, Target]]:
     """direct, switchyard with everything on, and LiteLLM when ``litellm`` is given; all in
-    front of one simulator replica, stopped on exit."""
+    front of one simulator replica, stopped on exit.
+
+    ``pinned``: the proxies and what they use (gateway, Redis, billing worker, LiteLLM) on the
+    last CPU, the load generator and the simulator on the others, for every target alike. In
+    production the gateway has cores of its own and its clients and engines are elsewhere;
+    sharing two cores with them here makes its latency include theirs in the scheduler's
+    queue (a woken process waits while both cores run someone else)."""
     children, direct, gateway, _ = start_stack(
         work, ttft_ms=ENGINE["ttft_ms"], tokens_per_s=ENGINE["tokens_per_s"]
     )
@@ -115,16 +131,25 @@ def targets(work: Path, litellm: Path | None) -> Iterator[dict[str, Target]]:
         env = {"SWITCHYARD_REDIS_URL": os.environ["SWITCHYARD_REDIS_URL"]}
         billing = [sys.executable, "-m", "app.cli", "billing", "run"]
         children.append(spawn("billing", billing, work / "logs", env))
-        gw_pid = next(c.popen.pid for c in children if c.name == "gateway")
-        sim_pid = next(c.popen.pid for c in children if c.name == "simulator")
+        pids = {c.name: c.popen.pid for c in children}
+        gw_pid, sim_pid = pids["gateway"], pids["simulator"]
+        support = (pids["redis"], pids["billing"])
         out = {
             "direct": Target("direct", direct, "none", None, sim_pid),
-            "switchyard": Target("switchyard", gateway, key, gw_pid, sim_pid),
+            "switchyard": Target("switchyard", gateway, key, gw_pid, sim_pid, support),
         }
         if litellm is not None:
             child, url = start_litellm(litellm, direct, work)
             children.append(child)
             out["litellm"] = Target("litellm", url, "sk-bench-master", child.popen.pid, sim_pid)
+        if pinned:
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2:
+                raise SystemExit("--pin needs at least two CPUs")
+            world, proxies = set(cpus[:-1]), {cpus[-1]}
+            for c in children:
+                pin(c.popen.pid, world if c.name == "simulator" else proxies)
+            pin(os.getpid(), world)  # the load generator
         yield out
     finally:
         for c in reversed(children):
@@ -164,9 +189,11 @@ def measure(target: Target, plan: LoadPlan) -> tuple[RunResult, dict[str, Any]]:
     """Run ``plan`` and describe it as one row, with the proxy's CPU over the run."""
     before = cpu_seconds(target.pid) if target.pid else 0.0
     engine_before = cpu_seconds(target.engine_pid) if target.engine_pid else 0.0
+    support_before = sum(cpu_seconds(pid) for pid in target.support_pids)
     client_before = time.process_time()
     result = run_sync(plan)
     client = time.process_time() - client_before
+    support = sum(cpu_seconds(pid) for pid in target.support_pids) - support_before
     s = result.summary
     cpu = cpu_seconds(target.pid) - before if target.pid else None
     engine = cpu_seconds(target.engine_pid) - engine_before if target.engine_pid else None
@@ -186,6 +213,7 @@ def measure(target: Target, plan: LoadPlan) -> tuple[RunResult, dict[str, Any]]:
         "proxy_cpu_s": round(cpu, 3) if cpu is not None else None,
         "engine_cpu_s": round(engine, 3) if engine is not None else None,
         "client_cpu_s": round(client, 3),  # the load generator (this process)
+        "support_cpu_s": round(support, 3) if target.support_pids else None,
         # Requests per CPU-second of the proxy = the throughput one fully used core would give.
         "rps_per_core": round(s["ok"] / cpu, 1) if cpu else None,
     }
@@ -293,14 +321,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 None,
             )
             if base:
-                added.append(
-                    {
-                        "target": r["target"],
-                        "rate": r["rate"],
-                        "p50_ms": round(r["latency_ms"]["p50"] - base["latency_ms"]["p50"], 3),
-                        "p99_ms": round(r["latency_ms"]["p99"] - base["latency_ms"]["p99"], 3),
-                    }
-                )
+                entry = {
+                    "target": r["target"],
+                    "rate": r["rate"],
+                    "p50_ms": round(r["latency_ms"]["p50"] - base["latency_ms"]["p50"], 3),
+                    "p99_ms": round(r["latency_ms"]["p99"] - base["latency_ms"]["p99"], 3),
+                }
+                if r["ttft_ms"] and base["ttft_ms"]:  # streams: time to first token, p50
+                    ttft = r["ttft_ms"]["p50"] - base["ttft_ms"]["p50"]
+                    entry["ttft_p50_ms"] = round(ttft, 3)
+                added.append(entry)
         ratios: dict[str, float | None] = {}
         sy, ll = best.get("switchyard"), best.get("litellm")
         if sy and ll:
@@ -372,6 +402,12 @@ def main() -> int:
     p.add_argument("--p99-bound-ms", type=float, default=500.0)
     p.add_argument("--no-litellm", action="store_true")
     p.add_argument("--no-stream", action="store_true", help="only the non-streaming sweep")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="proxies, Redis and the billing worker on the last CPU; load generator and "
+        "simulator on the others (written to compare-pinned.json)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     rates = [float(x) for x in args.rates.split(",")] if args.rates else None
@@ -380,7 +416,10 @@ def main() -> int:
     streams = [False] if args.quick or args.no_stream else [False, True]
     exe = None if args.no_litellm else ensure_litellm()
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="sy-compare-") as tmp, targets(Path(tmp), exe) as t:
+    with (
+        tempfile.TemporaryDirectory(prefix="sy-compare-") as tmp,
+        targets(Path(tmp), exe, args.pin) as t,
+    ):
         rows = [r for s in streams for r in sweep(t, rates, step_s, s, args.p99_bound_ms)]
     summary = summarize(rows)
     out = {
@@ -394,12 +433,13 @@ def main() -> int:
             "step_s": step_s,
             "p99_bound_ms": args.p99_bound_ms,
             "quick": args.quick,
+            "pinned": args.pin,
         },
         "summary": summary,
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "compare-quick" if args.quick else "compare"
+    name = ("compare-quick" if args.quick else "compare") + ("-pinned" if args.pin else "")
     (args.out / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(rows, summary, args.out / f"{name}.png")
     print(json.dumps(summary, indent=2))
