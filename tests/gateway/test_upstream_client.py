@@ -69,6 +69,19 @@ async def echo_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         await writer.drain()
 
 
+async def events_then_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Three events 20 ms apart on a chunked stream, then the end; then the next request."""
+    await read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    for event in (b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"):
+        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    await read_request(reader)
+
+
 def test_a_body_with_content_length_is_read_whole_and_the_connection_kept() -> None:
     async def scenario(url: str, stats: dict[str, Any]) -> list[bytes]:
         pool = UpstreamPool(1.0)
@@ -105,17 +118,6 @@ def test_a_path_prefix_in_the_replica_url_is_kept() -> None:
 
 
 def test_a_chunked_stream_arrives_piece_by_piece() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        for event in (b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"):
-            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-            await writer.drain()
-            await asyncio.sleep(0.02)
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-        await read_request(reader)  # the connection is kept for the next request
-
     async def scenario(url: str, _: dict[str, Any]) -> list[bytes]:
         pool = UpstreamPool(1.0)
         resp = await pool.post(url, "/v1/chat/completions", b"{}")
@@ -125,7 +127,7 @@ def test_a_chunked_stream_arrives_piece_by_piece() -> None:
         resp.release()
         return pieces
 
-    assert run(handler, scenario) == [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+    assert run(events_then_end, scenario) == [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
 
 
 def test_an_error_status_is_returned_with_its_body() -> None:
@@ -306,19 +308,6 @@ def test_send_writes_at_once_on_a_kept_connection_and_receive_connects_otherwise
         assert stats["connections"] == 2
 
     run(recording_echo, scenario)
-
-
-async def events_then_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Three events 20 ms apart on a chunked stream, then the end; then the next request."""
-    await read_request(reader)
-    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-    for event in (b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"):
-        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-        await writer.drain()
-        await asyncio.sleep(0.02)
-    writer.write(b"0\r\n\r\n")
-    await writer.drain()
-    await read_request(reader)
 
 
 def test_a_piped_stream_reaches_the_sink_in_the_read_callback_and_the_connection_is_kept() -> None:
