@@ -14,7 +14,7 @@ import functools
 import socket
 import struct
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from uvicorn._types import ASGI3Application
@@ -109,6 +109,12 @@ SEND_CHUNK_EXTENSION = "switchyard.send_chunk"
 # ``scope["extensions"][EARLY_EXTENSION]``: an ``EarlyStart``, for the requests the app's
 # ``early_paths`` name (POST only); the app also names ``early_max_body`` (bytes).
 EARLY_EXTENSION = "switchyard.early"
+
+
+class SendChunk(Protocol):
+    """The type of ``SEND_CHUNK_EXTENSION``."""
+
+    def __call__(self, data: bytes, last: bool = False) -> bool: ...
 
 
 class EarlyStart:

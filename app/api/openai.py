@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -40,6 +39,7 @@ from app.http_protocol import (
     FLUSH_EXTENSION,
     SEND_CHUNK_EXTENSION,
     DisconnectHook,
+    SendChunk,
 )
 from app.limits.limiter import Admission, Demand
 from app.proxy.relay import Begun, StreamRelay
@@ -431,8 +431,7 @@ class _Exchange:
         self.abort: Callable[[], None] | None = None  # drops the client connection at once
         self.disconnect_hook: DisconnectHook | None = None
         self.flush: Callable[[], None] | None = None  # writes what was sent so far at once
-        # Sends a stream's events from any callback (see StreamRelay.events).
-        self.send_chunk: Callable[..., bool] | None = None
+        self.send_chunk: SendChunk | None = None  # a stream's events, from any callback
 
     def record(self) -> None:
         metrics = self.svc.metrics
@@ -518,8 +517,7 @@ async def _send_stream(
         state.status = 200
         sending = False
         flush = state.flush
-        send_now = partial(send_chunk, last=False) if send_chunk is not None else None
-        async for chunk in relay.events(send_now, end_now):
+        async for chunk in relay.events(send_chunk, end_now):
             sending = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if flush is not None:  # now, not when this task next waits for the engine
