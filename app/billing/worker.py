@@ -124,6 +124,7 @@ class BillingWorker:
             resources.files("app.billing").joinpath("lua", "fold.lua").read_text("utf-8")
         )
         self._rate = RateLimit(settings.stripe_max_events_per_s)
+        self.last_read = 0  # entries the last aggregate_once read
         self._reclaim_idle_ms = int(settings.billing_reclaim_idle_s * 1000)
         # A send lock outlives any call it guards (timeout + margin), and no longer: a killed
         # worker's lock must not hold its totals back for long.
@@ -173,11 +174,14 @@ class BillingWorker:
         return int(folded)
 
     def aggregate_once(self, count: int = FOLD_BATCH, block_ms: int = 200) -> int:
+        """Read up to ``count`` new entries and fold them; returns how many were new usage
+        (``last_read``: how many entries were read, duplicates and empty ones included)."""
         reply = self.redis.xreadgroup(
             GROUP, self.consumer, {STREAM: ">"}, count=count, block=block_ms
         )
-        entries = [e for _, batch in (reply or []) for e in batch if e[1]]
-        return self.fold(entries)
+        read = [e for _, batch in (reply or []) for e in batch]
+        self.last_read = len(read)
+        return self.fold([e for e in read if e[1]])
 
     def reclaim(self) -> int:
         """Take over entries another (dead) consumer read but never acknowledged."""
@@ -336,7 +340,7 @@ class BillingWorker:
         idle_since = time.monotonic()
         while not self._stopping:
             try:
-                folded = worked = self.aggregate_once(count=FOLD_BATCH)
+                worked = self.aggregate_once(count=FOLD_BATCH)
                 if time.monotonic() - last_reclaim > 5:
                     worked += self.reclaim()
                     last_reclaim = time.monotonic()
@@ -349,7 +353,7 @@ class BillingWorker:
                 idle_since = time.monotonic()
             elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                 return
-            if 0 < folded < FOLD_BATCH and self.settings.billing_poll_s:
+            if 0 < self.last_read < FOLD_BATCH and self.settings.billing_poll_s:
                 # Not behind: let events gather. A blocked read returns at the first new
                 # event, so without the pause a busy gateway wakes this worker (and costs
                 # Redis a read, a fold and a window check) for every request: at 500 req/s
