@@ -91,9 +91,11 @@ class UpstreamResponse:
             return
         self._done = True
         self._error = error
-        if error is None and self._sink is not None and self._on_end is not None:
-            self._on_end()
-        self._wake()
+        try:
+            if error is None and self._sink is not None and self._on_end is not None:
+                self._on_end()
+        finally:
+            self._wake()  # whatever on_end did, the reader must learn of the end
 
     def _wake(self) -> None:
         waiter = self._waiter

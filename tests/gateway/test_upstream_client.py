@@ -377,3 +377,21 @@ def test_a_pipe_raises_when_the_replica_cuts_the_stream() -> None:
         return pieces
 
     assert run(cut, scenario) == [b"data: 1\n\n"]
+
+
+def test_a_pipe_whose_end_callback_fails_still_returns_and_drops_the_connection() -> None:
+    async def scenario(url: str, _: dict[str, Any]) -> tuple[bool, bool]:
+        resp = await UpstreamPool(1.0).post(url, "/v1/chat/completions", b"{}")
+        conn = resp._conn
+        assert conn is not None
+
+        def on_end() -> None:
+            raise RuntimeError("a bug in the caller")
+
+        ended = await asyncio.wait_for(resp.pipe(lambda data: True, on_end), 5)
+        resp.close()
+        return ended, conn.lost
+
+    ended, lost = run(events_then_end, scenario)
+    assert ended is True  # woken, not left waiting for a deadline
+    assert lost is True  # a connection whose parser raised is never reused
