@@ -87,12 +87,8 @@ def inspect(event: bytes) -> EventInfo:
     error = b'"error"' in event[:32]
     if not has_usage:
         content = b'"choices":[]' not in event and b'"choices": []' not in event
-        if (
-            content
-            and b'"role"' in event
-            and (b'"content":""' in event or b'"content": ""' in event)
-        ):
-            content = False  # the assistant role that opens a chat stream: no token yet
+        if content and _opens_chat(event):
+            content = False
         if error:
             return EventInfo(content=content, error=True)
         return _CONTENT if content else _OTHER
@@ -109,6 +105,11 @@ def inspect(event: bytes) -> EventInfo:
         if isinstance(usage, dict)
         else None,
         usage_only=choices == [],
-        content=bool(choices),
+        content=bool(choices) and not _opens_chat(event),
         error=error,
     )
+
+
+def _opens_chat(event: bytes) -> bool:
+    """The assistant-role event that opens a chat stream (empty content): no token yet."""
+    return b'"role"' in event and (b'"content":""' in event or b'"content": ""' in event)

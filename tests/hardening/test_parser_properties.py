@@ -511,3 +511,15 @@ def test_a_catalogue_round_trips_through_yaml(data: dict[str, Any]) -> None:
         path = Path(tmp) / "catalog.yaml"
         path.write_text(yaml.safe_dump(catalog.model_dump(mode="json")), encoding="utf-8")
         assert load_catalog(path) == catalog
+
+
+@pytest.mark.parametrize("usage", [None, {"prompt_tokens": 3, "completion_tokens": 0}])
+def test_the_event_that_opens_a_chat_stream_is_not_a_token(usage: Any) -> None:
+    """vLLM opens a chat stream with the assistant role and empty content, with usage in every
+    event when a client asks for continuous usage stats: it is neither a token nor the first
+    token's time."""
+    choice = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+    role = {"id": "c", "object": "chat.completion.chunk", "choices": [choice], "usage": usage}
+    token = {**role, "choices": [{"index": 0, "delta": {"content": "Hi"}}]}
+    assert inspect(b"data: " + orjson.dumps(role) + b"\n\n").content is False
+    assert inspect(b"data: " + orjson.dumps(token) + b"\n\n").content is True
