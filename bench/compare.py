@@ -104,12 +104,20 @@ def start_litellm(exe: Path, upstream: str, work: Path) -> tuple[Child, str]:
 
 
 def pin(pid: int, cpus: set[int]) -> None:
-    """Every thread of ``pid`` onto ``cpus`` (threads started later inherit it)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    """Every thread of ``pid`` and of its child processes (``--workers``) onto ``cpus``;
+    threads and processes started later inherit it."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return  # it has exited
+    for task in tasks:
         try:
             os.sched_setaffinity(int(task.name), cpus)
-        except (ProcessLookupError, PermissionError):
+            children = (task / "children").read_text().split()
+        except (ProcessLookupError, PermissionError, FileNotFoundError):
             continue
+        for child in children:
+            pin(int(child), cpus)
 
 
 @contextmanager
