@@ -115,11 +115,15 @@ class UpstreamResponse:
                 await self._waiter
             finally:
                 self._waiter = None
+        data = self._take_buffered()
+        if self._conn is not None:
+            self._conn.resume()
+        return data
+
+    def _take_buffered(self) -> bytes:
         data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
         self._chunks.clear()
         self._size = 0
-        if self._conn is not None:
-            self._conn.resume()
         return data
 
     async def pipe(
@@ -131,14 +135,10 @@ class UpstreamResponse:
         until the next ``pipe`` or ``readany``). ``on_end`` runs in that callback too when the
         body ends whole while piped, a loop turn before this returns. Neither may raise. A
         broken connection raises as in ``readany``."""
-        if self._chunks:
-            data = b"".join(self._chunks)
-            self._chunks.clear()
-            self._size = 0
-            if not sink(data):
-                if self._conn is not None:
-                    self._conn.pause()
-                return False
+        if self._chunks and not sink(self._take_buffered()):
+            if self._conn is not None:
+                self._conn.pause()
+            return False
         if self._conn is not None:
             self._conn.resume()
         while not self._done:
