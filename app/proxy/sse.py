@@ -86,9 +86,11 @@ def inspect(event: bytes) -> EventInfo:
     )
     error = b'"error"' in event[:32]
     if not has_usage:
-        content = b'"choices":[]' not in event and b'"choices": []' not in event
-        if content and _opens_chat(event):
-            content = False
+        content = (
+            b'"choices":[]' not in event
+            and b'"choices": []' not in event
+            and not _opens_chat(event)
+        )
         if error:
             return EventInfo(content=content, error=True)
         return _CONTENT if content else _OTHER
