@@ -103,21 +103,28 @@ def start_litellm(exe: Path, upstream: str, work: Path) -> tuple[Child, str]:
     return child, url
 
 
-def pin(pid: int, cpus: set[int]) -> None:
-    """Every thread of ``pid`` and of its child processes (``--workers``) onto ``cpus``;
-    threads and processes started later inherit it."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and the processes it started (a gateway's ``--workers``), from /proc."""
     try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except FileNotFoundError:
-        return  # it has exited
-    for task in tasks:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]  # it has exited: its stat read fails too, and counts nothing
+    return [pid, *(p for c in children for p in process_tree(int(c)))]
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` and of its processes onto ``cpus``; threads and processes
+    started later inherit it."""
+    for p in process_tree(pid):
         try:
-            os.sched_setaffinity(int(task.name), cpus)
-            children = (task / "children").read_text().split()
-        except (ProcessLookupError, PermissionError, FileNotFoundError):
-            continue
-        for child in children:
-            pin(int(child), cpus)
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except FileNotFoundError:
+            continue  # it has exited
+        for task in tasks:
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except (ProcessLookupError, PermissionError):
+                continue
 
 
 @contextmanager
@@ -168,13 +175,7 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process and its children (workers), from /proc."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
+    for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / tick
